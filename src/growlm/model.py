@@ -1,0 +1,323 @@
+"""One decoder-only transformer for the GPT-2 and Llama families.
+
+GPT-2 (Radford et al. 2019): learned positions, LayerNorm, GELU(tanh) MLP, biases, tied head.
+Llama (Touvron et al. 2023): RoPE (Su et al. 2021), RMSNorm, SwiGLU MLP, grouped-query attention
+(Ainslie et al. 2023). Which one is built is decided by `ModelConfig` fields only.
+
+Parameter names (used by the HF weight maps and by the growth operators):
+  wte, wpe, blocks.{i}.norm_1, blocks.{i}.attn.{q,k,v,o}, blocks.{i}.norm_2,
+  blocks.{i}.mlp.{gate,up,down}, norm_f, lm_head (absent when tied).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from growlm.config import ModelConfig
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, bias: bool) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back, as transformers' LlamaRMSNorm does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or cfg.n_embd
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps)
+    return LayerNorm(dim, cfg.norm_eps, cfg.norm_bias)
+
+
+def rope_cache(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (T, head_dim), half-split layout (transformers' rotate_half convention)."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=positions.device).float() / d))
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, d/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, d)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, nh, T, hs); cos/sin: (T, hs)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos.to(x.dtype)) + (rotated * sin.to(x.dtype))
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys and values of the tokens seen so far; grows by concatenation."""
+
+    k: list[torch.Tensor | None] = field(default_factory=list)
+    v: list[torch.Tensor | None] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return 0 if not self.k or self.k[0] is None else self.k[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        while len(self.k) <= layer:
+            self.k.append(None)
+            self.v.append(None)
+        if self.k[layer] is not None:
+            k = torch.cat((self.k[layer], k), dim=2)
+            v = torch.cat((self.v[layer], v), dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def expand(self, batch: int) -> "KVCache":
+        """A copy whose batch-1 entries are broadcast to `batch` rows (shared-context scoring)."""
+        return KVCache([t.expand(batch, -1, -1, -1) for t in self.k], [t.expand(batch, -1, -1, -1) for t in self.v])
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        hs = cfg.head_dim
+        self.q = nn.Linear(cfg.n_embd, cfg.n_head * hs, bias=cfg.attn_bias)
+        self.k = nn.Linear(cfg.n_embd, cfg.n_kv_head * hs, bias=cfg.attn_bias)
+        self.v = nn.Linear(cfg.n_embd, cfg.n_kv_head * hs, bias=cfg.attn_bias)
+        self.o = nn.Linear(cfg.n_head * hs, cfg.n_embd, bias=cfg.proj_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None,
+        layer: int,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q = self.q(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        past = 0
+        if cache is not None:
+            past = cache.k[layer].shape[2] if layer < len(cache.k) and cache.k[layer] is not None else 0
+            k, v = cache.update(layer, k, v)
+        S = k.shape[2]
+        mask = None
+        if past > 0 and T > 1:
+            # query i (absolute position past + i) sees keys 0..past + i
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        weights = None
+        if need_weights:
+            rep = cfg.n_head // cfg.n_kv_head
+            kk, vv = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            att = (q @ kk.transpose(-2, -1)) / math.sqrt(cfg.head_dim)
+            allowed = mask if mask is not None else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            att = att.masked_fill(~allowed, float("-inf"))
+            weights = att.float().softmax(-1).to(q.dtype)
+            y = weights @ vv
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=(mask is None and T > 1 and past == 0),
+                enable_gqa=cfg.n_kv_head != cfg.n_head,
+            )
+        y = y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim)
+        return self.o(y), weights
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        self.gate = nn.Linear(cfg.n_embd, cfg.ffn_size, bias=cfg.mlp_bias) if self.swiglu else None
+        self.up = nn.Linear(cfg.n_embd, cfg.ffn_size, bias=cfg.mlp_bias)
+        self.down = nn.Linear(cfg.ffn_size, cfg.n_embd, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm_1 = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.norm_2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, cache, layer, need_weights=False):
+        a, w = self.attn(self.norm_1(x), rope, cache, layer, need_weights)
+        x = x + a
+        x = x + self.mlp(self.norm_2(x))
+        return x, w
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    hidden_states: list[torch.Tensor] | None = None
+    """Residual stream: the embedding output, then after each block (n_layer + 1 tensors)."""
+    attentions: list[torch.Tensor] | None = None
+    """Attention probabilities per block, (B, nh, T, S)."""
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    # -- init ------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layer)."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                nn.init.ones_(p)
+            elif name.endswith(("attn.o.weight", "mlp.down.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    # -- forward ---------------------------------------------------------
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.wte.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> torch.Tensor | ModelOutput:
+        """Logits (B, T, vocab) for token ids (B, T); a ModelOutput when hidden states or attentions are asked for.
+
+        With a `cache`, `idx` continues the cached sequence and the cache is extended in place.
+        """
+        cfg = self.config
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if past + T > cfg.block_size:
+            raise ValueError(f"sequence of {past + T} tokens exceeds the context length {cfg.block_size}")
+        x = self.wte(idx)
+        pos = torch.arange(past, past + T, device=idx.device)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        else:
+            rope = rope_cache(cfg, pos)
+        hidden = [x] if output_hidden_states else None
+        atts = [] if output_attentions else None
+        for i, block in enumerate(self.blocks):
+            x, w = block(x, rope, cache, i, output_attentions)
+            if hidden is not None:
+                hidden.append(x)
+            if atts is not None:
+                atts.append(w)
+        x = self.norm_f(x)
+        logits = F.linear(x, self.head_weight)
+        if output_hidden_states or output_attentions:
+            return ModelOutput(logits, hidden, atts)
+        return logits
+
+    # -- utilities -------------------------------------------------------
+    def num_params(self, trainable_only: bool = False, embeddings: bool = True) -> int:
+        """Unique parameter count (a tied head is counted once)."""
+        n = 0
+        for name, p in self.named_parameters():
+            if trainable_only and not p.requires_grad:
+                continue
+            if not embeddings and name in ("wte.weight", "wpe.weight"):
+                continue
+            n += p.numel()
+        return n
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Extend `idx` (B, T) by up to `max_new_tokens`; temperature 0 is greedy."""
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        if idx.shape[1] + max_new_tokens > self.config.block_size:
+            max_new_tokens = max(0, self.config.block_size - idx.shape[1])
+        cache = KVCache() if use_cache else None
+        out = idx
+        step_in = idx
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            logits = self(step_in if use_cache else out, cache=cache)[:, -1, :].float()
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            out = torch.cat((out, nxt[:, None]), dim=1)
+            step_in = nxt[:, None]
+            if eos_token_id is not None and bool(done.all()):
+                break
+        return out
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -33,7 +33,7 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 and cast back, as transformers' LlamaRMSNorm does."""
+    """RMSNorm computed in (at least) float32 and cast back, as transformers' LlamaRMSNorm does."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -42,7 +42,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))  # float32 for half types, float64 stays float64
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 

@@ -1,0 +1,3 @@
+from growlm.cli import entry
+
+entry()

@@ -1,0 +1,77 @@
+"""The `growlm` command line: one subcommand per typed function (jsonargparse).
+
+Each command lives in a `cmd_*.py` module; this module only dispatches and turns user errors
+(`GrowlmError`, missing files, bad configs) into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+
+def _commands() -> dict[str, Callable]:
+    from growlm import cmd_model
+
+    cmds: dict[str, Callable] = {
+        "info": cmd_model.info,
+        "convert": cmd_model.convert,
+        "generate": cmd_model.generate,
+        "perplexity": cmd_model.perplexity,
+        "demo": cmd_model.demo,
+    }
+    # commands of the other subsystems: (name, module, function)
+    import importlib
+
+    for name, module, fn in (("grow", "growlm.cmd_grow", "grow"), ("eval", "growlm.cmd_eval", "eval"),
+                             ("train", "growlm.cmd_train", "train")):
+        try:
+            cmds[name] = getattr(importlib.import_module(module), fn)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+    return cmds
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from jsonargparse import ArgumentParser, CLI  # noqa: F401
+
+    from growlm.errors import GrowlmError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        from jsonargparse import auto_cli
+    except ImportError:  # older jsonargparse
+        from jsonargparse import CLI as auto_cli
+    try:
+        _quiet_libraries()
+        auto_cli(_commands(), args=argv, as_positional=False, description="growlm: grow, distil and continue pretraining small GPT-style models")
+    except GrowlmError as e:
+        print(f"growlm: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        print(f"growlm: error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("growlm: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as e:  # argparse errors exit 2 after printing one usage error line
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    return 0
+
+
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

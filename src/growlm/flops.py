@@ -1,0 +1,83 @@
+"""Training FLOPs per token and model FLOPs utilisation (MFU).
+
+FLOPs per trained token (Kaplan et al. 2020, sec. 2.1; PaLM, Chowdhery et al. 2022, appendix B):
+
+    flops/token = 6 * N_matmul + 12 * L * T * (n_head * head_dim)
+
+- N_matmul counts the weights of every matrix multiply a token goes through: q, k, v, o and the MLP
+  projections of each block, plus the output head (V x d, counted even when tied to the embedding, since
+  the head is a real matmul while the embedding lookup is not). Biases, norms and the embedding lookups
+  are left out (they are O(d) per token). The factor 6 = 2 (multiply-add) x 3 (forward, backward wrt
+  activations, backward wrt weights).
+- The attention term: QK^T and AV cost 2 * 2 * T * d_attn multiply-adds per token per layer forward,
+  times 3 for training = 12 * T * d_attn per layer, counting the full T x T score matrix as PaLM does
+  (a causal mask halves the useful work; MFU conventionally ignores that).
+
+MFU = achieved model FLOP/s / peak matmul FLOP/s. The peak is measured once per machine, dtype and
+thread count (a large square matmul, best of a few runs) and cached in the growlm cache directory,
+because a data-sheet peak for a shared 2-core CPU does not exist.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from growlm.config import ModelConfig
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Weights of all matrix multiplies per token (blocks + output head)."""
+    d, hs = cfg.n_embd, cfg.head_dim
+    attn = d * cfg.n_head * hs * 2 + d * cfg.n_kv_head * hs * 2  # q, o + k, v
+    mlp = d * cfg.ffn_size * (3 if cfg.mlp == "swiglu" else 2)
+    return cfg.n_layer * (attn + mlp) + cfg.vocab_size * d
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
+    """FLOPs for one token of a length-`seq_len` sequence: 6N + 12 L T d_attn (training) or a third of it."""
+    total = 6 * matmul_params(cfg) + 12 * cfg.n_layer * seq_len * cfg.n_head * cfg.head_dim
+    return float(total if training else total / 3)
+
+
+def measure_matmul_peak(dtype: torch.dtype = torch.bfloat16, device: str = "cpu", n: int = 2048, repeats: int = 5) -> float:
+    """Best observed FLOP/s of an n x n x n matmul (2 n^3 FLOPs)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first run warms up kernels and caches
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def matmul_peak(dtype: torch.dtype = torch.bfloat16, device: str = "cpu", cache: Path | None = None) -> float:
+    """The cached peak for (device name, dtype, threads), measured on first use."""
+    if cache is None:
+        from growlm.assets import cache_dir
+
+        cache = cache_dir() / "matmul_peak.json"
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        name = f"cpu-{torch.get_num_threads()}threads"
+    key = f"{name}|{str(dtype).removeprefix('torch.')}"
+    table = json.loads(cache.read_text()) if cache.exists() else {}
+    if key not in table:
+        table[key] = measure_matmul_peak(dtype, device)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        tmp.replace(cache)
+    return float(table[key])
+
+
+def mfu(flops_per_second: float, peak: float) -> float:
+    return flops_per_second / peak if peak > 0 else 0.0

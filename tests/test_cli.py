@@ -1,0 +1,90 @@
+"""The CLI: bad input gives one clear line on stderr and exit code 2, no traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from growlm.cli import main
+from growlm.hf import save_hf
+from growlm.model import GPT
+from tests.conftest import tiny_config
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "growlm.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def _assert_one_line_error(r, needle):
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert lines and needle in lines[-1], r.stderr
+    assert len(lines) <= 2, r.stderr  # argparse may add one usage line
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty_dir").mkdir()
+    bert = d / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
+    good = d / "good"
+    save_hf(GPT(tiny_config("llama")), good)
+    trunc = d / "trunc"
+    trunc.mkdir()
+    (trunc / "config.json").write_text((good / "config.json").read_text())
+    data = (good / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[: len(data) // 2])
+    garbage = d / "garbage"
+    garbage.mkdir()
+    (garbage / "config.json").write_text((good / "config.json").read_text())
+    (garbage / "model.safetensors").write_bytes(b"\x00" * 64)
+    gguf = d / "not_a_lm.gguf"
+    _write_non_lm_gguf(gguf)
+    return d
+
+
+def _write_non_lm_gguf(path):
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "bert")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize(
+    "path, needle",
+    [
+        ("missing", "no such file or directory"),
+        ("empty_dir", "not a model directory"),
+        ("bert", "unsupported architecture 'bert'"),
+        ("trunc", "corrupt or truncated safetensors"),
+        ("garbage", "corrupt or truncated safetensors"),
+        ("not_a_lm.gguf", "cannot load as a causal language model GGUF"),
+    ],
+)
+def test_bad_model_input_exits_2_with_one_line(bad_inputs, path, needle):
+    _assert_one_line_error(run_cli("info", "--model", str(bad_inputs / path)), needle)
+
+
+def test_good_model_info_and_convert(bad_inputs, tmp_path):
+    r = run_cli("info", "--model", str(bad_inputs / "good"), "--json_out", "true")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["n_layer"] == 2
+    assert main(["convert", "--model", str(bad_inputs / "good"), "--out", str(tmp_path / "g"), "--format", "growlm"]) == 0
+    assert (tmp_path / "g" / "growlm_config.json").exists()
+
+
+def test_unknown_option_exits_2():
+    r = run_cli("info", "--no_such_option", "1")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr

@@ -88,3 +88,27 @@ def test_unknown_option_exits_2():
     r = run_cli("info", "--no_such_option", "1")
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
+
+
+def test_generate_and_perplexity_commands(tmp_path, capsys):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    # a byte-level-ish word tokenizer over a tiny vocabulary, saved with a tiny model
+    vocab = {chr(i): i - 32 for i in range(32, 127)}
+    vocab["[UNK]"] = 95
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
+    model = GPT(tiny_config("llama", init_std=0.3))
+    save_hf(model, tmp_path / "m", tok)
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "hello", "--max_new_tokens", "5"]) == 0
+    out = capsys.readouterr().out.strip()
+    ids = torch.tensor([tok.encode("hello")])
+    expected = tok.decode(model.eval().generate(ids, 5)[0].tolist())
+    assert out == expected
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 20)
+    assert main(["perplexity", "--model", str(tmp_path / "m"), "--text", str(text), "--window", "32"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["tokens"] > 0 and 1 < res["token_ppl"] < 1e4

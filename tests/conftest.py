@@ -15,11 +15,16 @@ SHARED_DATA = Path(os.environ.get("GROWLM_SHARED_DATA", REPO.parent / "shared" /
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_dtype():
+def _seed_dtype_threads(request):
+    """Seed, restore the default dtype, and use one thread for tiny models (thread overhead dominates them)."""
     torch.manual_seed(0)
     dtype = torch.get_default_dtype()
+    threads = torch.get_num_threads()
+    if request.node.get_closest_marker("slow") is None:
+        torch.set_num_threads(1)
     yield
     torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
 
 
 def tiny_config(family: str = "llama", **overrides) -> ModelConfig:

@@ -14,9 +14,14 @@ lm-eval 0.4 (`lm_eval/api/model.py` TemplateLM, `lm_eval/models/huggingface.py` 
   byte_perplexity = exp(-sum LL / bytes), bits_per_byte = -sum LL / (bytes ln 2). Token perplexity
   depends on the tokenizer and is always reported with the tokenizer's name.
 
-Two things are faster than the harness without changing a number: continuations that share a context run
-the shared token prefix once (a KV cache broadcast over the choices) and only the continuation positions go
-through the output head and the log-softmax.
+Two things make it faster than the harness without changing a number (tests/test_eval.py checks both against
+the harness and against the one-request-at-a-time path):
+- continuations that share a context (the choices of one question) run their common token prefix once:
+  by default packed into one row [context | choice 1 | choice 2 | ...] whose attention mask hides the
+  choices from each other and whose position ids restart after the context for each choice, so rows of many
+  questions batch together; or (share_context="cache") through a KV cache broadcast over the choices;
+- only the scored positions go through the output head and the log-softmax (in chunks, so an 8k-token
+  window over a 49k vocabulary never materialises all its logits).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from growlm.errors import GrowlmError
-from growlm.model import GPT, KVCache
+from growlm.model import GPT, KVCache, apply_rope, rope_cache
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -83,8 +88,6 @@ def _hidden(model: GPT, idx: torch.Tensor, cache: KVCache | None = None) -> torc
     if model.wpe is not None:
         x = x + model.wpe(pos)
     else:
-        from growlm.model import rope_cache
-
         rope = rope_cache(cfg, pos)
     for i, block in enumerate(model.blocks):
         x, _ = block(x, rope, cache, i)
@@ -100,10 +103,18 @@ def _autocast(dtype: str, device: torch.device):
 
 
 def _score(model: GPT, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of log p(targets) and greedy match for hidden rows h (N, C) predicting targets (N,)."""
-    logits = F.linear(h, model.head_weight).float()  # log-softmax in float32 even under bf16 autocast
-    logp = logits.log_softmax(-1)
-    return logp.gather(-1, targets[:, None]).squeeze(-1), logits.argmax(-1) == targets
+    """log p(target) and greedy match for hidden rows h (N, C) predicting targets (N,).
+
+    In chunks of rows: a rolling window of 8192 tokens over a 49k vocabulary would otherwise need 1.6 GB of
+    logits per sequence.
+    """
+    lps, hits = [], []
+    for s in range(0, h.shape[0], 2048):
+        logits = F.linear(h[s: s + 2048], model.head_weight).float()  # log-softmax in float32 under bf16 too
+        t = targets[s: s + 2048]
+        lps.append(logits.log_softmax(-1).gather(-1, t[:, None]).squeeze(-1))
+        hits.append(logits.argmax(-1) == t)
+    return torch.cat(lps), torch.cat(hits)
 
 
 @dataclass
@@ -151,6 +162,89 @@ def _common_prefix(seqs: list[list[int]]) -> int:
     return n
 
 
+def _packed_hidden(model: GPT, idx: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Final-norm hidden states of packed rows: explicit positions (B, T) and attention mask (B, T, T).
+
+    The same computation as GPT.forward (same modules, same weights); only the attention pattern differs:
+    several continuations sit side by side after their shared context and do not see each other.
+    """
+    cfg = model.config
+    B, T = idx.shape
+    x = model.wte(idx)
+    rope = None
+    if model.wpe is not None:
+        x = x + model.wpe(pos)
+    else:
+        cos, sin = rope_cache(cfg, pos.reshape(-1))
+        rope = (cos.view(B, 1, T, -1), sin.view(B, 1, T, -1))  # broadcast over heads
+    gqa = cfg.n_kv_head != cfg.n_head
+    for block in model.blocks:
+        a = block.attn
+        h = block.norm_1(x)
+        q = a.q(h).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = a.k(h).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = a.v(h).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
+        x = x + a.o(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
+        x = x + block.mlp(block.norm_2(x))
+    return model.norm_f(x)
+
+
+def _run_packed(model: GPT, groups: list[tuple[list[_Req], int]], device) -> list[list[tuple[float, bool]]]:
+    """Score groups of requests that share their first p input tokens, one packed row per group.
+
+    Row layout: shared prefix, then each member's remaining tokens. Position ids restart at p for every
+    member, and a member attends to the prefix and causally to itself only, so each member sees exactly
+    the sequence it would see alone.
+    """
+    rows = []
+    for members, p in groups:
+        toks, pos, seg, cols = list(members[0].inp[:p]), list(range(p)), [-1] * p, []
+        for j, r in enumerate(members):
+            start = len(toks)
+            toks += r.inp[p:]
+            pos += range(p, len(r.inp))
+            seg += [j] * (len(r.inp) - p)
+            cols.append(range(len(toks) - len(r.cont), len(toks)))
+        rows.append((toks, pos, seg, cols))
+    B, T = len(rows), max(len(r[0]) for r in rows)
+    idx = torch.zeros(B, T, dtype=torch.long)
+    pos_t = torch.zeros(B, T, dtype=torch.long)
+    seg_t = torch.full((B, T), -2, dtype=torch.long)  # -2: padding, -1: shared prefix, j: member j
+    for b, (toks, pos, seg, _) in enumerate(rows):
+        idx[b, : len(toks)] = torch.tensor(toks)
+        pos_t[b, : len(toks)] = torch.tensor(pos)
+        seg_t[b, : len(toks)] = torch.tensor(seg)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    same = (seg_t[:, None, :] == -1) | (seg_t[:, None, :] == seg_t[:, :, None])  # (B, Tq, Tk)
+    mask = (causal & same) | torch.eye(T, dtype=torch.bool)  # padding attends to itself: no empty rows
+    h = _packed_hidden(model, idx.to(device), pos_t.to(device), mask.to(device))
+    b_idx, c_idx, tgt, owner = [], [], [], []
+    n = 0  # members scored so far
+    for b, ((members, _), (_, _, _, cols)) in enumerate(zip(groups, rows)):
+        for r, cs in zip(members, cols):
+            b_idx += [b] * len(cs)
+            c_idx += cs
+            tgt += r.cont
+            owner += [n] * len(cs)
+            n += 1
+    lp, greedy = _score(model, h[b_idx, c_idx], torch.tensor(tgt, dtype=torch.long, device=device))
+    owner_t = torch.tensor(owner, device=device)
+    sums = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, owner_t, lp.double())
+    misses = torch.zeros(n, dtype=torch.long, device=device).index_add_(0, owner_t, (~greedy).long())
+    flat = [(float(s), bool(m == 0)) for s, m in zip(sums.tolist(), misses.tolist())]
+    out, k = [], 0
+    for members, _ in groups:
+        out.append(flat[k: k + len(members)])
+        k += len(members)
+    return out
+
+
+SHARING = ("packed", "cache", "none")
+
+
 @torch.no_grad()
 def loglikelihood_tokens(
     model: GPT,
@@ -158,14 +252,22 @@ def loglikelihood_tokens(
     batch_size: int = 16,
     dtype: str = "float32",
     max_length: int | None = None,
-    share_context: bool = True,
+    share_context: str = "packed",
 ) -> list[tuple[float, bool]]:
     """(log p sum, is_greedy) for token-level (context, continuation) pairs, in the order given.
 
-    With `share_context`, requests whose inputs share a token prefix (the choices of one question) run that
-    prefix once and broadcast its KV cache over the choices; the rest is batched longest-first, as the
-    harness does.
+    Requests with the same context (the choices of one question) share the forward pass of their common
+    input-token prefix (only the common prefix: joint encoding may change tokens at the boundary):
+    - "packed": one row per question, [prefix | choice 1 | choice 2 ...] with a mask that hides the choices
+      from each other; rows of several questions are batched (`batch_size` continuations per pass);
+    - "cache": the prefix runs once into a KVCache that is broadcast over the choices, one question per pass;
+    - "none": every request alone, the harness's way.
+    Requests without a sibling are batched longest-first, right-padded, as the harness does.
     """
+    if share_context is True or share_context is False:
+        share_context = "packed" if share_context else "none"
+    if share_context not in SHARING:
+        raise GrowlmError(f"share_context must be one of {', '.join(SHARING)}, got {share_context!r}")
     if batch_size < 1:
         raise GrowlmError(f"batch_size must be >= 1, got {batch_size}")
     max_length = max_length or model.config.block_size
@@ -177,25 +279,40 @@ def loglikelihood_tokens(
     try:
         with _autocast(dtype, device):
             singles = list(range(len(reqs)))
-            if share_context:
-                groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+            if share_context != "none":
+                by_ctx: dict[tuple[int, ...], list[int]] = defaultdict(list)
                 for i, (ctx, _) in enumerate(requests):
-                    groups[tuple(ctx)].append(i)
-                singles = []
-                for members in groups.values():
+                    by_ctx[tuple(ctx)].append(i)
+                singles, shared = [], []
+                for members in by_ctx.values():
                     # the shared part must end before the first scored position of every member
                     p = min(_common_prefix([reqs[i].inp for i in members]),
                             min(len(reqs[i].inp) - len(reqs[i].cont) for i in members))
                     if len(members) < 2 or p < 1:
                         singles += members
-                        continue
-                    cache = KVCache()
-                    _hidden(model, torch.tensor([reqs[members[0]].inp[:p]], device=device), cache)
-                    for start in range(0, len(members), batch_size):
-                        chunk = members[start: start + batch_size]
-                        tails = [_Req(reqs[i].inp[p:], reqs[i].cont) for i in chunk]
-                        for i, r in zip(chunk, _run_batch(model, tails, device, cache.expand(len(chunk)))):
-                            out[i] = r
+                    else:
+                        shared.append((members, p))
+                if share_context == "cache":
+                    for members, p in shared:
+                        cache = KVCache()
+                        _hidden(model, torch.tensor([reqs[members[0]].inp[:p]], device=device), cache)
+                        for start in range(0, len(members), batch_size):
+                            chunk = members[start: start + batch_size]
+                            tails = [_Req(reqs[i].inp[p:], reqs[i].cont) for i in chunk]
+                            for i, r in zip(chunk, _run_batch(model, tails, device, cache.expand(len(chunk)))):
+                                out[i] = r
+                else:
+                    # rows of similar packed length share a batch
+                    shared.sort(key=lambda g: -(g[1] + sum(len(reqs[i].inp) - g[1] for i in g[0])))
+                    batch: list[tuple[list[int], int]] = []
+                    for k, g in enumerate(shared):
+                        batch.append(g)
+                        if sum(len(m) for m, _ in batch) >= batch_size or k == len(shared) - 1:
+                            scored = _run_packed(model, [([reqs[i] for i in m], p) for m, p in batch], device)
+                            for (m, _), res in zip(batch, scored):
+                                for i, r in zip(m, res):
+                                    out[i] = r
+                            batch = []
             # longest first, like the harness's Collator: similar lengths share a batch, OOMs come early
             singles.sort(key=lambda i: (-len(reqs[i].inp) - 1, tuple(reqs[i].inp)))
             for start in range(0, len(singles), batch_size):
@@ -214,7 +331,7 @@ def loglikelihood(
     batch_size: int = 16,
     dtype: str = "float32",
     max_length: int | None = None,
-    share_context: bool = True,
+    share_context: str = "packed",
 ) -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), is_greedy) per (context, continuation) string pair."""
     toks = [encode_pair(tokenizer, c, x) for c, x in requests]
@@ -263,7 +380,7 @@ def loglikelihood_rolling(
         for w in rolling_windows(tok_encode(tokenizer, t), p, max_length, stride):
             windows.append(w)
             owner.append(i)
-    scores = loglikelihood_tokens(model, windows, batch_size, dtype, max_length, share_context=False)
+    scores = loglikelihood_tokens(model, windows, batch_size, dtype, max_length, share_context="none")
     totals = [0.0] * len(texts)
     for i, (ll, _) in zip(owner, scores):
         totals[i] += ll
@@ -339,7 +456,7 @@ def evaluate(
     dtype: str = "float32",
     seed: int = 1234,
     max_length: int | None = None,
-    share_context: bool = True,
+    share_context: str = "packed",
 ) -> dict:
     """Score tasks read from local files the way lm-evaluation-harness does.
 

@@ -58,11 +58,15 @@ def read_records(path: Path) -> Iterator[tuple[int, Doc]]:
         yield from ((i + 1, r) for i, r in enumerate(rows))
         return
     text = _open_text(path)
+    data = None
     if name.endswith(".json"):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise GrowlmError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            if e.msg != "Extra data":  # "Extra data": JSON lines in a .json file (datasets' to_json writes those)
+                raise GrowlmError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if data is not None:
+        data = [data] if isinstance(data, dict) else data
         if not isinstance(data, list):
             raise GrowlmError(f"{path}:1: expected a JSON list of objects")
         for i, r in enumerate(data):
@@ -405,7 +409,12 @@ class WSC273(Task):
         return super().load(path)
 
     def _load_xml(self, path: Path) -> list[Doc]:
-        """The Davis/Levesque/Morgenstern XML, converted as the HF `winograd_wsc` builder does (first 273)."""
+        return [self.parse(where, rec) for where, rec in self.xml_records(path)]
+
+    @staticmethod
+    def xml_records(path: Path) -> list[tuple[str, Doc]]:
+        """HF-schema records of the Davis/Levesque/Morgenstern XML, converted as the HF `winograd_wsc`
+        builder does (whitespace collapsed, label 1 iff correctAnswer contains B), first 273 schemas."""
         try:
             root = ET.parse(path).getroot()
         except ET.ParseError as e:
@@ -414,22 +423,22 @@ class WSC273(Task):
         def clean(s: str | None) -> str:
             return " ".join((s or "").split())
 
-        docs = []
+        out = []
         for i, schema in enumerate(list(root)[:273]):
             where = f"{path}:schema {i + 1}"
             text, answers = schema.find("text"), schema.find("answers")
             if text is None or answers is None or text.find("pron") is None:
                 raise GrowlmError(f"{where}: expected <text> with <txt1>/<pron>/<txt2> and <answers>")
-            left, right, pron = clean(text.findtext("txt1", "")), clean(text.findtext("txt2", "")), clean(
-                text.findtext("pron"))
+            left, right = clean(text.findtext("txt1", "")), clean(text.findtext("txt2", ""))
+            pron = clean(text.findtext("pron"))
             correct = clean(schema.findtext("correctAnswer"))
             if not correct or correct[0] not in "AB":
                 raise GrowlmError(f"{where}: correctAnswer {correct!r} is not A or B")
-            rec = {"text": " ".join([left, pron, right]).strip(), "pronoun": pron,
-                   "pronoun_loc": len(left) + 1 if left else 0,
-                   "options": [clean(a.text) for a in answers.findall("answer")], "label": int("B" in correct)}
-            docs.append(self.parse(where, rec))
-        return docs
+            out.append((where, {"text": " ".join([left, pron, right]).strip(), "pronoun": pron,
+                                "pronoun_loc": len(left) + 1 if left else 0,
+                                "options": [clean(a.text) for a in answers.findall("answer")],
+                                "label": int("B" in correct)}))
+        return out
 
     def parse(self, where, rec):
         text = _field(where, rec, "text").replace("  ", " ")  # utils.process_doc
@@ -470,9 +479,11 @@ TASKS: dict[str, Task] = {
         HellaSwag("hellaswag", "hellaswag", ("hellaswag_val.jsonl", "validation*.jsonl", "validation*.parquet",
                                              "hellaswag_val_full.txt", "hellaswag_val_full.txt.bz2", *_JSONISH)),
         PIQA("piqa", "piqa", ("valid.jsonl", "validation*.jsonl", "validation*.parquet", *_JSONISH)),
-        ARC("arc_easy", "arc", ("*arc_easy*official_test.jsonl", "*arc_easy*test*.jsonl", "ARC-Easy-Test.jsonl", "ARC-Easy/test*", "arc_easy*")),
-        ARC("arc_challenge", "arc", ("*arc_challenge_test.jsonl", "*arc_challenge*test*.jsonl", "ARC-Challenge-Test.jsonl", "ARC-Challenge/test*",
-                                     "arc_challenge*")),
+        ARC("arc_easy", "arc", ("*arc_easy*official_test.jsonl", "*arc_easy*test*.jsonl", "ARC-Easy-Test.jsonl",
+                                "ARC-Easy/test*", "arc_easy*")),
+        # the complete HF-schema ARC-Challenge test set first (the GenMC copy lacks 2 of 1172 items)
+        ARC("arc_challenge", "arc", ("*arc_challenge_test.jsonl", "*arc_challenge*test*.jsonl",
+                                     "ARC-Challenge-Test.jsonl", "ARC-Challenge/test*", "arc_challenge*")),
         SciQ("sciq", "sciq", ("test*.jsonl", "test*.parquet", *_JSONISH)),
         WinoGrande("winogrande", "winogrande", ("dev.jsonl", "validation*.jsonl", "validation*.parquet", *_JSONISH),
                    metrics=("acc",), multiple_input=True),

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from growlm.errors import GrowlmError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [_underscore_option(a) for a in (sys.argv[1:] if argv is None else argv)]
     try:
         from jsonargparse import auto_cli
     except ImportError:  # older jsonargparse
@@ -60,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse errors exit 2 after printing one usage error line
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     return 0
+
+
+def _underscore_option(arg: str) -> str:
+    """Accept `--data-dir` as well as `--data_dir` (option names are the functions' argument names)."""
+    if not arg.startswith("--") or len(arg) < 4:
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    return "--" + name.replace("-", "_") + eq + value
 
 
 def _quiet_libraries() -> None:

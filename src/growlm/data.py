@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,9 +127,10 @@ def data_files(path: str | None) -> list[Path]:
                 "near-duplicates would leak across the train/validation split: keep one spelling"
             )
         return files
-    if p.suffix or os.sep in path or path.startswith("."):
+    looks_like_hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) is not None and p.suffix.lower() not in DATA_SUFFIXES
+    if not looks_like_hub_id or path.startswith((".", "/", "~")):
         raise GrowlmError(f"data path {path} does not exist")
-    return []  # looks like a hub id
+    return []  # a hub dataset id (datasets.load_dataset; needs the network)
 
 
 def read_documents(path: str | None, text_field: str = "text") -> list[Document]:

@@ -13,6 +13,10 @@ FLOPs per trained token (Kaplan et al. 2020, sec. 2.1; PaLM, Chowdhery et al. 20
   times 3 for training = 12 * T * d_attn per layer, counting the full T x T score matrix as PaLM does
   (a causal mask halves the useful work; MFU conventionally ignores that).
 
+The count is the standard model-FLOPs convention: it does not subtract the work that freezing saves
+(no weight gradients for frozen tensors, no backward below the lowest trainable block), so with a frozen
+base the reported MFU overstates the hardware's useful work and is best read as "model FLOP/s".
+
 MFU = achieved model FLOP/s / peak matmul FLOP/s. The peak is measured once per machine, dtype and
 thread count (a large square matmul, best of a few runs) and cached in the growlm cache directory,
 because a data-sheet peak for a shared 2-core CPU does not exist.
@@ -21,6 +25,7 @@ because a data-sheet peak for a shared 2-core CPU does not exist.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -43,8 +48,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
     return float(total if training else total / 3)
 
 
-def measure_matmul_peak(dtype: torch.dtype = torch.bfloat16, device: str = "cpu", n: int = 2048, repeats: int = 5) -> float:
-    """Best observed FLOP/s of an n x n x n matmul (2 n^3 FLOPs)."""
+def measure_matmul_peak(dtype: torch.dtype = torch.bfloat16, device: str = "cpu", n: int = 2048, repeats: int = 10) -> float:
+    """Best observed FLOP/s of an n x n x n matmul (2 n^3 FLOPs); the best of several runs, because on a
+    shared machine other processes only ever make a run slower."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     best = float("inf")
@@ -60,7 +66,11 @@ def measure_matmul_peak(dtype: torch.dtype = torch.bfloat16, device: str = "cpu"
 
 
 def matmul_peak(dtype: torch.dtype = torch.bfloat16, device: str = "cpu", cache: Path | None = None) -> float:
-    """The cached peak for (device name, dtype, threads), measured on first use."""
+    """The matmul peak for (device name, dtype, threads): $GROWLM_MATMUL_PEAK (FLOP/s) when set, else
+    measured on first use and cached (delete the cache file to measure again on a quiet machine)."""
+    env = os.environ.get("GROWLM_MATMUL_PEAK")
+    if env:
+        return float(env)
     if cache is None:
         from growlm.assets import cache_dir
 
@@ -69,11 +79,11 @@ def matmul_peak(dtype: torch.dtype = torch.bfloat16, device: str = "cpu", cache:
         name = torch.cuda.get_device_name(torch.device(device))
     else:
         name = f"cpu-{torch.get_num_threads()}threads"
-    key = f"{name}|{str(dtype).removeprefix('torch.')}"
+    key = f"v2|{name}|{str(dtype).removeprefix('torch.')}"
     table = json.loads(cache.read_text()) if cache.exists() else {}
     if key not in table:
         table[key] = measure_matmul_peak(dtype, device)
-        tmp = cache.with_suffix(".tmp")
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(table, indent=1))
         tmp.replace(cache)
     return float(table[key])

@@ -108,10 +108,11 @@ class EWC:
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
         """(lambda / 2) * sum F (theta - theta*)^2 over the anchored parameters (0 at the anchor)."""
-        params = dict(model.named_parameters())
         total = None
-        for n, f in self.fisher.items():
-            p = params[n]
+        for n, p in model.named_parameters():  # model order: the sum is the same after a checkpoint reload
+            f = self.fisher.get(n)
+            if f is None:
+                continue
             term = (f * (p.float() - self.anchor[n]) ** 2).sum()
             total = term if total is None else total + term
         if total is None:

@@ -1,0 +1,168 @@
+"""Atomic training checkpoints that carry everything an exact resume needs.
+
+Layout of `<run>/checkpoints/step_000120/` (nanochat-style: the checkpoint carries its own config):
+  model.safetensors, model_config.json   weights and the (possibly grown) architecture
+  optimizer.pt                           AdamW state (tensors and numbers only: loads with weights_only=True)
+  rng.pt                                 torch (and CUDA) RNG states
+  state.json                             step, tokens, FLOPs, data position, growth history, plateau state,
+                                         Python/NumPy RNG states, best/last validation loss
+  train_config.json                      the TrainConfig, compared on resume
+  tensors-<group>.safetensors            generations, update scales, EWC Fisher and anchor
+  teacher.safetensors, teacher_config.json   the pre-growth snapshot used by KD
+A checkpoint is written into a temporary sibling folder and renamed into place (os.replace), so a run
+killed mid-write leaves the previous checkpoints intact; `latest.json` and `best.json` are replaced the
+same way. Only the `keep_last` newest checkpoints and the best one are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from growlm.config import ModelConfig
+from growlm.errors import GrowlmError
+from growlm.model import GPT
+
+STEP_RE = re.compile(r"^step_(\d{6,})$")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def save_checkpoint(
+    ckpt_dir: str | Path,
+    step: int,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    train_config: dict[str, Any],
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+    teacher: GPT | None = None,
+    keep_last: int = 2,
+    val_loss: float | None = None,
+) -> Path:
+    """Write checkpoint `step_{step:06d}` atomically, update latest/best, prune old ones; returns its path."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:06d}"
+    final = ckpt_dir / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp", dir=ckpt_dir))
+    try:
+        _save_tensors(model.state_dict(), tmp / "model.safetensors")
+        model.config.save(tmp / "model_config.json")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        (tmp / "train_config.json").write_text(json.dumps(train_config, indent=1))
+        for group, ts in (tensors or {}).items():
+            if ts:
+                _save_tensors(ts, tmp / f"tensors-{group}.safetensors")
+        if teacher is not None:
+            _save_tensors(teacher.state_dict(), tmp / "teacher.safetensors")
+            teacher.config.save(tmp / "teacher_config.json")
+        if final.exists():  # the same step written again (e.g. after a resume): swap it out atomically
+            old = ckpt_dir / f".{name}.old{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_json(ckpt_dir / "latest.json", {"name": name, "step": step})
+    best = read_json(ckpt_dir / "best.json")
+    if val_loss is not None and (best is None or val_loss < best["val_loss"]):
+        _write_json(ckpt_dir / "best.json", {"name": name, "step": step, "val_loss": val_loss})
+    prune(ckpt_dir, keep_last)
+    return final
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    return sorted((p for p in d.iterdir() if p.is_dir() and STEP_RE.match(p.name)), key=lambda p: int(STEP_RE.match(p.name)[1]))
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints and the best one."""
+    best = read_json(ckpt_dir / "best.json")
+    latest = read_json(ckpt_dir / "latest.json")
+    protected = {x["name"] for x in (best, latest) if x}
+    ckpts = list_checkpoints(ckpt_dir)
+    for p in ckpts[: max(0, len(ckpts) - max(1, keep_last))]:
+        if p.name not in protected:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def latest(ckpt_dir: str | Path) -> Path | None:
+    """The checkpoint named by latest.json (or the highest step when the pointer is missing)."""
+    d = Path(ckpt_dir)
+    ptr = read_json(d / "latest.json")
+    if ptr and (d / ptr["name"]).is_dir():
+        return d / ptr["name"]
+    ckpts = list_checkpoints(d)
+    return ckpts[-1] if ckpts else None
+
+
+def read_train_config(path: str | Path) -> dict[str, Any]:
+    p = Path(path) / "train_config.json"
+    if not p.exists():
+        raise GrowlmError(f"{path} is not a growlm training checkpoint (no train_config.json)")
+    return json.loads(p.read_text())
+
+
+def _load_model(weights: Path, config: Path, device: str) -> GPT:
+    cfg = ModelConfig.load(config)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    sd = load_file(str(weights), device=device)
+    model.load_state_dict(sd, strict=True, assign=True)  # a tied head reads wte.weight via head_weight
+    return model
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> dict[str, Any]:
+    """Everything in a checkpoint: model, optimizer state dict, RNG, state, config, tensors, teacher.
+
+    Only safetensors and torch.load(weights_only=True) are used: loading runs no pickled code."""
+    path = Path(path)
+    if not (path / "model.safetensors").exists():
+        raise GrowlmError(f"{path} is not a growlm training checkpoint (no model.safetensors)")
+    out: dict[str, Any] = {
+        "model": _load_model(path / "model.safetensors", path / "model_config.json", device),
+        "optimizer": torch.load(path / "optimizer.pt", map_location=device, weights_only=True),
+        "rng": torch.load(path / "rng.pt", weights_only=True),
+        "state": json.loads((path / "state.json").read_text()),
+        "train_config": read_train_config(path),
+        "tensors": {},
+        "teacher": None,
+    }
+    for f in sorted(path.glob("tensors-*.safetensors")):
+        group = f.name[len("tensors-") : -len(".safetensors")]
+        out["tensors"][group] = load_file(str(f), device=device)
+    if (path / "teacher.safetensors").exists():
+        out["teacher"] = _load_model(path / "teacher.safetensors", path / "teacher_config.json", device)
+    return out

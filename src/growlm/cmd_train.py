@@ -1,0 +1,117 @@
+"""`growlm train --config configs/X.yaml [--run.max_steps 50 ...]`: continued pretraining with growth.
+
+Prints one fixed-order line per logging interval (nanochat style), a progress bar, each growth event,
+and at the end: base vs final validation perplexity, the growth-events table and the retention measure.
+The library (`growlm.train`) never prints; this module does.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from growlm.data import DataConfig
+from growlm.train import GrowthConfig, ModelSource, OptimConfig, RegConfig, RunConfig, TrainConfig
+from growlm.train import train as run_training
+
+console = Console() if sys.stdout.isatty() else Console(width=150)
+
+
+def format_line(rec: dict, max_steps: int) -> str:
+    """`step 00100/02000 | loss 3.4120 | lr 6.0e-04 | tok/s 9,800 | mfu 41%` (+ val loss when evaluated)."""
+    w = max(5, len(str(max_steps)))
+    parts = [f"step {rec['step']:0{w}d}/{max_steps:0{w}d}"]
+    if rec.get("loss") is not None:
+        parts.append(f"loss {rec['loss']:.4f}")
+    if rec.get("lr") is not None:
+        parts.append(f"lr {rec['lr']:.1e}")
+    if rec.get("tok_s") is not None:
+        parts.append(f"tok/s {rec['tok_s']:,.0f}")
+    if rec.get("mfu") is not None:
+        parts.append(f"mfu {100 * rec['mfu']:.0f}%")
+    if rec.get("val_loss") is not None:
+        parts.append(f"val {rec['val_loss']:.4f} (ppl {math.exp(rec['val_loss']):.2f})")
+    if rec.get("skipped"):
+        parts.append("SKIPPED (non-finite loss)")
+    return " | ".join(parts)
+
+
+def growth_table(events: list[dict]) -> Table:
+    t = Table(title="growth events")
+    for c in ("step", "operator", "layers", "n_embd", "params", "added", "trainable", "val before", "val after", "delta"):
+        t.add_column(c, justify="right")
+    for e in events:
+        b, a = e.get("before", {}), e.get("after", {})
+        t.add_row(str(e["step"]), str(e["operator"]), f"{b.get('n_layer')}->{a.get('n_layer')}",
+                  f"{b.get('n_embd')}->{a.get('n_embd')}", f"{e['params_before']:,}->{e['params_after']:,}",
+                  f"{e['params_added']:,}", f"{e['trainable_params']:,}", f"{e['val_loss_before']:.6f}",
+                  f"{e['val_loss_after']:.6f}", f"{e['val_loss_delta']:+.2e}")
+    return t
+
+
+def train(
+    model: ModelSource = ModelSource(),
+    data: DataConfig = DataConfig(),
+    optim: OptimConfig = OptimConfig(),
+    growth: GrowthConfig = GrowthConfig(),
+    reg: RegConfig = RegConfig(),
+    run: RunConfig = RunConfig(),
+) -> None:
+    """Continue pretraining (or train from scratch), growing the model during training.
+
+    Args:
+        model: the starting model and its tokenizer.
+        data: training text, sequence length and validation split.
+        optim: AdamW and the learning-rate schedule.
+        growth: when and how the model grows, and what happens to what it already learned.
+        reg: KD from the pre-growth snapshot and EWC.
+        run: batch, precision, evaluation, logging, checkpoints, resume.
+    """
+    cfg = TrainConfig(model=model, data=data, optim=optim, growth=growth, reg=reg, run=run)
+    import torch.distributed as dist
+
+    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+                        disable=not rank0 or not console.is_terminal)
+    task = progress.add_task("train", total=run.max_steps)
+    t0 = time.perf_counter()
+
+    def on(kind: str, rec: dict) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return
+        if kind == "log":
+            progress.update(task, completed=rec["step"])
+            progress.console.print(format_line(rec, run.max_steps))
+        elif kind == "growth":
+            progress.console.print(
+                f"[bold green]growth[/] step {rec['step']}: {rec['operator']} "
+                f"{rec['params_before']:,} -> {rec['params_after']:,} params (+{rec['params_added']:,}), "
+                f"val loss {rec['val_loss_before']:.6f} -> {rec['val_loss_after']:.6f} (delta {rec['val_loss_delta']:+.2e})"
+            )
+
+    with progress:
+        res = run_training(cfg, callback=on)
+    if not rank0:
+        return
+    elapsed = time.perf_counter() - t0
+    if res.events:
+        console.print(growth_table(res.events))
+    t = Table(title=f"{cfg.model.name}: {res.step} steps in {elapsed:.0f} s")
+    t.add_column("measure")
+    t.add_column("base", justify="right")
+    t.add_column("final", justify="right")
+    if res.base_val_loss is not None and res.val_loss is not None:
+        t.add_row("validation perplexity (held-out documents)", f"{math.exp(res.base_val_loss):.3f}", f"{math.exp(res.val_loss):.3f}")
+    if "base" in res.retention and "final" in res.retention:
+        t.add_row("retention perplexity (Python language reference)", f"{math.exp(res.retention['base']):.3f}",
+                  f"{math.exp(res.retention['final']):.3f}")
+    console.print(t)
+    console.print(f"metrics: {cfg.run.out_dir}/metrics.jsonl" + (f"; model: {cfg.run.out_dir}/hf" if cfg.run.export_hf else ""))

@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         from jsonargparse import CLI as auto_cli
     try:
         _quiet_libraries()
-        auto_cli(_commands(), args=argv, as_positional=False, description="growlm: grow, distil and continue pretraining small GPT-style models")
+        auto_cli(_commands(), args=argv, as_positional=False, parser_class=_parser_class(),
+                 description="growlm: grow, distil and continue pretraining small GPT-style models")
     except GrowlmError as e:
         print(f"growlm: error: {e}", file=sys.stderr)
         return 2
@@ -60,6 +61,20 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse errors exit 2 after printing one usage error line
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     return 0
+
+
+def _parser_class():
+    """jsonargparse's parser, but a bad option or config key prints one line (plus a hint), not the usage."""
+    from jsonargparse import ArgumentParser
+
+    class Parser(ArgumentParser):
+        def error(self, message: str, ex: Exception | None = None):
+            lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+            print(f"growlm: error: {' '.join(lines)[:2000]}", file=sys.stderr)
+            print(f"growlm: see '{self.prog.replace(' [options]', '')} --help'", file=sys.stderr)
+            raise SystemExit(2)
+
+    return Parser
 
 
 def _underscore_option(arg: str) -> str:

@@ -70,8 +70,9 @@ def _parser_class():
     class Parser(ArgumentParser):
         def error(self, message: str, ex: Exception | None = None):
             lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
-            print(f"growlm: error: {' '.join(lines)[:2000]}", file=sys.stderr)
-            print(f"growlm: see '{self.prog.replace(' [options]', '')} --help'", file=sys.stderr)
+            sub = self.prog.replace(" [options]", "").split(" ", 1)[1:]  # prog is '<argv0> [options] SUB'
+            hint = " ".join(["growlm", *sub, "--help"])
+            print(f"growlm: error: {' '.join(lines)[:2000]} (see '{hint}')", file=sys.stderr)
             raise SystemExit(2)
 
     return Parser

@@ -467,3 +467,20 @@ def test_recipes_parse(name):
             GrowthSpec.from_dict(op)
     with pytest.raises(GrowlmError, match="run.bogus"):
         TrainConfig.from_dict({**d, "run": {**d["run"], "bogus": 1}})
+
+
+def test_executed_flops_account_for_freezing():
+    from growlm.flops import executed_flops_per_token
+
+    cfg = tiny_config("llama")  # untied head
+    model = GPT(cfg)
+    T = 16
+    assert executed_flops_per_token(model, T) == flops_per_token(cfg, T)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(f"blocks.{cfg.n_layer - 1}."))
+    per_block = sum(m.weight.numel() for m in model.blocks[0].modules() if isinstance(m, torch.nn.Linear))
+    attn = 4 * T * cfg.n_head * cfg.head_dim
+    head = cfg.vocab_size * cfg.n_embd
+    expected = (cfg.n_layer - 1) * (2 * per_block + attn) + (6 * per_block + 3 * attn) + 4 * head
+    assert executed_flops_per_token(model, T) == expected
+    assert expected < flops_per_token(cfg, T)

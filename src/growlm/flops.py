@@ -13,9 +13,12 @@ FLOPs per trained token (Kaplan et al. 2020, sec. 2.1; PaLM, Chowdhery et al. 20
   times 3 for training = 12 * T * d_attn per layer, counting the full T x T score matrix as PaLM does
   (a causal mask halves the useful work; MFU conventionally ignores that).
 
-The count is the standard model-FLOPs convention: it does not subtract the work that freezing saves
-(no weight gradients for frozen tensors, no backward below the lowest trainable block), so with a frozen
-base the reported MFU overstates the hardware's useful work and is best read as "model FLOP/s".
+`flops_per_token` is the standard model-FLOPs convention and ignores freezing. A training step with a
+frozen base executes less: no weight gradients for frozen matrices and no backward at all below the
+lowest trainable block. `executed_flops_per_token` counts what a step on a given model really runs
+(forward 2n per weight matrix; input gradient 2n where backward passes through; weight gradient 2n where
+the weight requires grad), and the trainer uses it for its FLOP totals and MFU, so MFU never exceeds 100%
+with a frozen base (with the model convention the grow-smollm2 job printed "MFU 200%").
 
 MFU = achieved model FLOP/s / peak matmul FLOP/s. The peak is measured once per machine, dtype and
 thread count (a large square matmul, best of a few runs) and cached in the growlm cache directory,
@@ -46,6 +49,32 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
     """FLOPs for one token of a length-`seq_len` sequence: 6N + 12 L T d_attn (training) or a third of it."""
     total = 6 * matmul_params(cfg) + 12 * cfg.n_layer * seq_len * cfg.n_head * cfg.head_dim
     return float(total if training else total / 3)
+
+
+def executed_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token that a step on `model` executes, given which weights require gradients.
+
+    Walks the network bottom-up: a block is back-propagated through when it or anything below it
+    (embeddings included) is trainable. Within such a block every matmul is counted with its input
+    gradient (a slight over-count for the lowest trainable block's first projections).
+    """
+    cfg = model.config
+    d_attn = cfg.n_head * cfg.head_dim
+    below = any(p.requires_grad for n, p in model.named_parameters() if n.startswith(("wte.", "wpe.")))
+    total = 0
+    for block in model.blocks:
+        backward = below or any(p.requires_grad for p in block.parameters())
+        for mod in block.modules():
+            if isinstance(mod, torch.nn.Linear):
+                n = mod.weight.numel()
+                total += 2 * n + (2 * n if backward else 0) + (2 * n if mod.weight.requires_grad else 0)
+        total += 4 * seq_len * d_attn * (3 if backward else 1)  # QK^T and AV; backward costs twice forward
+        below = backward
+    below = below or any(p.requires_grad for p in model.norm_f.parameters())
+    head = model.head_weight
+    n = head.numel()
+    total += 2 * n + (2 * n if below else 0) + (2 * n if head.requires_grad else 0)
+    return float(total)
 
 
 def measure_matmul_peak(dtype: torch.dtype = torch.bfloat16, device: str = "cpu", n: int = 2048, repeats: int = 10) -> float:

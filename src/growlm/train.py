@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from growlm.config import ModelConfig
 from growlm.data import BlockSampler, DataConfig, PackedData, prepare_data, retention_text, stack_blocks, text_blocks
 from growlm.errors import GrowlmError
-from growlm.flops import flops_per_token, matmul_peak
+from growlm.flops import executed_flops_per_token, matmul_peak
 from growlm.model import GPT
 from growlm.regularize import EWC, build_ewc, kd_loss
 
@@ -565,7 +565,8 @@ class Trainer:
         groups = [g for g in groups if g["params"]]
         if not groups:
             raise GrowlmError("no trainable parameters (everything is frozen)")
-        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, foreach=False)
+        # fused: one kernel for all tensors (4x faster than the per-tensor loop on SmolLM2, bench/train_throughput.py)
+        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
 
     # -- one step -------------------------------------------------------------------------------------
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -621,7 +622,7 @@ class Trainer:
         finite = torch.tensor([float(torch.isfinite(total)) * float(torch.isfinite(gnorm.detach().cpu()))], dtype=torch.float64)
         finite = self._all_mean(finite)
         n_tokens = len(idx) * seq
-        fpt = flops_per_token(self.model.config, seq)
+        fpt = executed_flops_per_token(self.model, seq)
         self.tokens += n_tokens
         self.flops += fpt * n_tokens
         rec: dict[str, Any] = {"lr": lr}
@@ -753,7 +754,7 @@ class Trainer:
         dt = max(now - self._t_last, 1e-9)
         tok_s = (self.tokens - self._tokens_last) / dt
         self._t_last, self._tokens_last = now, self.tokens
-        fpt = flops_per_token(self.model.config, self.cfg.data.seq_len)
+        fpt = executed_flops_per_token(self.model, self.cfg.data.seq_len)
         rec = {"kind": "train", "step": self.step, "tokens": self.tokens, "flops": self.flops,
                "lr": step_rec.get("lr"), "loss": step_rec.get("loss"),
                "val_loss": val, "val_ppl": math.exp(val) if val is not None and val < 700 else None,

@@ -99,7 +99,7 @@ def test_generate_and_perplexity_commands(tmp_path, capsys):
     vocab["[UNK]"] = 95
     tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[UNK]")  # rolling windows start from EOS
     model = GPT(tiny_config("llama", init_std=0.3))
     save_hf(model, tmp_path / "m", tok)
     assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "hello", "--max_new_tokens", "5"]) == 0
@@ -111,4 +111,7 @@ def test_generate_and_perplexity_commands(tmp_path, capsys):
     text.write_text("the quick brown fox jumps over the lazy dog " * 20)
     assert main(["perplexity", "--model", str(tmp_path / "m"), "--text", str(text), "--window", "32"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["tokens"] > 0 and 1 < res["token_ppl"] < 1e4
+    from growlm.eval import perplexity as text_perplexity
+
+    assert res["tokens"] > 0 and 1 < res["token_perplexity"] < 1e4
+    assert res["bits_per_byte"] == pytest.approx(text_perplexity(model, tok, text.read_text(), max_length=32)["bits_per_byte"])

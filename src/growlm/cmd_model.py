@@ -153,3 +153,27 @@ def demo(model: str = DEFAULT_MODEL, max_chars: int = 30_000, prompt: str = "The
     t.add_row("greedy generation", repr(tok.decode(out[0].tolist(), skip_special_tokens=True)))
     t.add_row("load / score seconds", f"{t_load:.1f} / {t_ppl:.1f}")
     console.print(t)
+
+
+def tokenizer(out: str, vocab_size: int = 8192, files: list[str] | None = None, nested: list[int] | None = None) -> None:
+    """Train a byte-level BPE tokenizer (Hugging Face format), optionally with nested prefix vocabularies.
+
+    Args:
+        out: output directory of the tokenizer (AutoTokenizer loads it).
+        vocab_size: number of ids (special tokens, 256 bytes, then merges).
+        files: UTF-8 text files to train on; default: the embedded Shakespeare plays.
+        nested: smaller vocabulary sizes to also save as prefixes (out/vocab_N), for vocabulary growth.
+    """
+    from growlm.assets import shakespeare_files
+    from growlm.tokenizer import nested_prefix, train_bpe
+
+    paths = [Path(f) for f in files] if files else shakespeare_files()
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise GrowlmError(f"no such file: {missing[0]}")
+    tok = train_bpe(paths, vocab_size, out)
+    console.print(f"wrote {out} (byte-level BPE, {len(tok):,} ids, trained on {len(paths)} files)")
+    for n in nested or []:
+        sub = Path(out) / f"vocab_{n}"
+        nested_prefix(out, n, sub)
+        console.print(f"wrote {sub} (first {n:,} ids: a prefix of {out})")

@@ -172,6 +172,11 @@ def test_head_dim_growth_gradients_and_trainability(spec, q_scale):
         torch.testing.assert_close(p.grad[sourced], want[sourced], atol=1e-12, rtol=1e-9, msg=k)
     # q update scale: the head_dim rescale x the 1/n of its (cloned-residual) input columns
     assert float(res.update_scale["blocks.0.attn.q.weight"][0, 0]) == pytest.approx(q_scale)
+    _assert_new_elements_train_after_one_step(g, res, idx)
+
+
+def _assert_new_elements_train_after_one_step(g, res, idx):
+    """One SGD step, then every new element must have a non-zero gradient."""
     with torch.no_grad():
         for p in g.parameters():
             p -= 0.05 * p.grad
@@ -220,13 +225,7 @@ def test_new_parameters_are_trainable(name, family, tied):
         assert all(first[k] > 0 for k in ("wte.weight", "blocks.0.attn.o.weight", "blocks.0.mlp.down.weight"))
     else:  # pure cloning: every new element has a gradient at once
         assert all(v > 0 for v in first.values()), {k: v for k, v in first.items() if v == 0}
-    with torch.no_grad():
-        for p in g.parameters():
-            p -= 0.05 * p.grad
-            p.grad = None
-    loss_of(g, idx).backward()
-    second = _new_grad_norms(g, res.generations)
-    assert all(v > 0 for v in second.values()), {k: v for k, v in second.items() if v == 0}
+    _assert_new_elements_train_after_one_step(g, res, idx)
 
 
 def test_zeroed_norm_identity_block_would_not_train():

@@ -484,3 +484,12 @@ def test_executed_flops_account_for_freezing():
     expected = (cfg.n_layer - 1) * (2 * per_block + attn) + (6 * per_block + 3 * attn) + 4 * head
     assert executed_flops_per_token(model, T) == expected
     assert expected < flops_per_token(cfg, T)
+
+
+def test_bad_growth_operator_is_refused_before_training(tmp_path, textdir, capsys):
+    fmt = dict(data=textdir, seq=16, cache=tmp_path / "cache", lr=1e-3, out=tmp_path / "out")
+    cfg = _yaml(tmp_path, "badop", BASE.format(**fmt))
+    code, lines = _cli(["train", "--config", cfg, "--growth.trigger", "steps", "--growth.steps", "[2]",
+                        "--growth.operators", "[{operator: depth, nn: 2}]"], capsys)
+    assert code == 2 and len(lines) == 1 and "unknown growth spec keys: nn" in lines[0], lines
+    assert not (tmp_path / "out").exists()

@@ -12,6 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from growlm.errors import GrowlmError
+
+def check_keys(cls: type, d: dict[str, Any], what: str, prefix: str = "") -> None:
+    """Raise a GrowlmError naming every key of `d` that is not a field of the dataclass `cls`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise GrowlmError(f"unknown {what}: {', '.join(prefix + k for k in unknown)} (known: {', '.join(sorted(names))})")
+
+
 NormType = Literal["layernorm", "rmsnorm"]
 MLPType = Literal["gelu", "swiglu"]
 PositionType = Literal["learned", "rope"]
@@ -120,10 +130,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        check_keys(cls, d, "model config keys")
         return cls(**d)
 
     def save(self, path: str | Path) -> None:

@@ -100,7 +100,7 @@ from typing import Any, Literal
 
 import torch
 
-from growlm.config import ModelConfig
+from growlm.config import ModelConfig, check_keys
 from growlm.errors import GrowlmError
 from growlm.model import GPT
 
@@ -175,10 +175,7 @@ class GrowthSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GrowthSpec":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise GrowlmError(f"unknown growth spec keys: {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+        check_keys(cls, d, "growth spec keys")
         return cls(**d)
 
 

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from growlm.config import ModelConfig
+from growlm.config import ModelConfig, check_keys
 from growlm.data import BlockSampler, DataConfig, PackedData, prepare_data, retention_text, stack_blocks, text_blocks
 from growlm.errors import GrowlmError
 from growlm.flops import executed_flops_per_token, matmul_peak
@@ -133,6 +133,12 @@ class GrowthConfig:
             raise GrowlmError("growth.operators is empty: give at least one operator, e.g. [{operator: depth}]")
         if not 0 <= self.gen_lr_mult <= 1:
             raise GrowlmError(f"growth.gen_lr_mult must be in [0, 1], got {self.gen_lr_mult}")
+        from growlm.grow import GrowthSpec
+
+        for op in self.operators:  # fail before training, not at the first growth event
+            if not isinstance(op, dict):
+                raise GrowlmError(f"growth.operators entries must be mappings, got {op!r}")
+            GrowthSpec.from_dict(dict(op))
 
 
 @dataclass
@@ -221,10 +227,7 @@ class TrainConfig:
         kw = {}
         for k, v in d.items():
             t = types[k]
-            names = {f.name for f in dataclasses.fields(t)}
-            bad = set(v) - names
-            if bad:
-                raise GrowlmError(f"unknown config key(s) {', '.join(f'{k}.{b}' for b in sorted(bad))}")
+            check_keys(t, v, "config key(s)", prefix=f"{k}.")
             if k == "optim" and "betas" in v:
                 v = dict(v, betas=tuple(v["betas"]))
             kw[k] = t(**v)

@@ -2,7 +2,7 @@
 
 Mode `compare` (default): the same model (default: the embedded SmolLM2-135M-Instruct, exported once as a
 Hugging Face directory), the same N HellaSwag validation items, the same (context, continuation) requests
-built by growlm.tasks (lm-eval's hellaswag prompt). growlm scores them with `growlm.eval.loglikelihood`
+built by growlm.eval.tasks (lm-eval's hellaswag prompt). growlm scores them with `growlm.eval.loglikelihood`
 (shared-context KV cache, head only at scored positions); the harness with `HFLM.loglikelihood`, same batch
 size, float32 on both sides. The items are cut into chunks scored alternately (A B, B A, ...) so that load
 from other users of this shared CPU hits both sides alike; the speed-up is the median of per-chunk ratios.
@@ -41,7 +41,7 @@ GPT2_124M = {"hellaswag": {"acc_norm": 0.311}, "piqa": {"acc": 0.625}, "winogran
 
 
 def load_models(spec: str):
-    from growlm.hf import default_model_dir, load_model
+    from growlm.models.hf import default_model_dir, load_model
 
     d = default_model_dir() if spec == "smollm2-135m" else Path(spec)
     model, tok = load_model(str(d) if spec != "smollm2-135m" else spec, torch.float32)
@@ -49,7 +49,7 @@ def load_models(spec: str):
 
 
 def hellaswag_requests(data: Path, n: int):
-    from growlm.tasks import TASKS
+    from growlm.eval.tasks import TASKS
 
     task = TASKS["hellaswag"]
     docs = task.load(task.find_file(data))[:n]
@@ -60,7 +60,7 @@ def compare(args) -> dict:
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from growlm.eval import _argmax, loglikelihood
+    from growlm.eval.scoring import _argmax, loglikelihood
 
     model, tok, d = load_models(args.model)
     hflm = HFLM(pretrained=str(d), device="cpu", dtype="float32", batch_size=args.batch_size)

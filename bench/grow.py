@@ -1,6 +1,6 @@
 """Growth operators on the embedded SmolLM2-135M: validation-loss change at growth, logit deviation, time.
 
-For each operator (growlm.grow) the default model is grown once in float32 and both models score the same
+For each operator (growlm.growth) the default model is grown once in float32 and both models score the same
 Shakespeare validation tokens (the default data split, 4 x 256 tokens). Exact operators should change the
 loss by float32 rounding only (REFERENCE fact 7: a seed GPT-2 12->15 reports +0.00003); G_stack is listed
 as the non-exact reference. Results: bench/results/grow.json.
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from growlm.data import DataConfig, read_documents, split_documents
-from growlm.grow import GrowthSpec, grow
-from growlm.hf import load_model
+from growlm.train.data import DataConfig, read_documents, split_documents
+from growlm.growth import GrowthSpec, grow
+from growlm.models.hf import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = {

@@ -2,7 +2,7 @@
 
 One training step = zero_grad, forward, cross-entropy, backward, AdamW step, on the same config, the same
 weights (each side builds growlm's GPT from the same seed; the transformers side converts it with
-`growlm.hf.to_hf`, so step-0 losses must agree), the same batch and the same optimizer (fused AdamW, the
+`growlm.models.hf.to_hf`, so step-0 losses must agree), the same batch and the same optimizer (fused AdamW, the
 default of transformers' Trainer for torch >= 2.8), in float32 or in bf16 autocast with float32 weights.
 A third row runs growlm under `torch.compile` (inductor), model and loss compiled together, optimizer eager.
 
@@ -11,9 +11,9 @@ Method (a shared 2-core CPU where timings drift by +-15% or more):
   warmed up one at a time, then the parent asks them for one timed step each, round after round, rotating
   who goes first (A B C, B C A, ...), so that load from other users hits all sides alike;
 - speed-up = the median over rounds of the per-round ratio t_transformers / t_side;
-- tokens/s = batch * seq_len / median step time; MFU = FLOPs/token (growlm.flops: 6 N_matmul + 12 L T d_attn,
+- tokens/s = batch * seq_len / median step time; MFU = FLOPs/token (growlm.train.flops: 6 N_matmul + 12 L T d_attn,
   Kaplan et al. 2020, PaLM appendix B) * tokens/s / the matmul peak of the same dtype (n=2048 matmuls, best
-  of 5, growlm.flops.measure_matmul_peak, measured at the start and at the end of the run, the higher kept);
+  of 5, growlm.train.flops.measure_matmul_peak, measured at the start and at the end of the run, the higher kept);
 - peak memory = the worker's VmHWM (Linux peak resident set) during the timed steps minus its VmRSS at the
   start of the case (after gc + malloc_trim): weights + gradients + AdamW state + activations + allocator
   slack. VmHWM is reset (/proc/self/clear_refs) at the start of the case and after warm-up, so compilation
@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from growlm.config import ModelConfig
+from growlm.models.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "bench" / "results" / "train_throughput.json"
@@ -161,7 +161,7 @@ def _run_worker_case(conn, side: str, spec: dict[str, Any]) -> None:
     import torch.nn as nn
     import torch.nn.functional as F
 
-    from growlm.model import GPT
+    from growlm.models.model import GPT
 
     if side == "growlm+compile":
         torch._dynamo.reset()
@@ -174,7 +174,7 @@ def _run_worker_case(conn, side: str, spec: dict[str, Any]) -> None:
     torch.manual_seed(spec["seed"])
     model = GPT(cfg)
     if side == "transformers":
-        from growlm.hf import to_hf
+        from growlm.models.hf import to_hf
 
         model = to_hf(model)  # the same weights as the growlm sides (same seed), in transformers' layout
         # growlm has no dropout; GPT2Config defaults to 0.1 (attention, residual, embedding): switch it off
@@ -308,7 +308,7 @@ def run_case(workers: Workers, sides: list[str], case: Case, dtype: str, steps: 
 
 
 def summarise(case: Case, dtype: str, raw: dict, peak: float) -> dict:
-    from growlm.flops import flops_per_token
+    from growlm.train.flops import flops_per_token
 
     fpt = flops_per_token(case.model, case.seq_len)
     tokens = case.batch * case.seq_len
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         if s not in SIDES:
             sys.exit(f"unknown side {s!r}; choose from {', '.join(SIDES)}")
 
-    from growlm.flops import measure_matmul_peak
+    from growlm.train.flops import measure_matmul_peak
 
     # --quick: tiny shapes gain nothing from threads, and on a busy machine extra threads only add stalls
     threads = args.threads or (1 if args.quick else torch.get_num_threads())
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             "compile": "torch.compile (inductor) of model forward + loss; backward via AOTAutograd; optimizer eager",
             "transformers_dropout": "set to 0 (growlm has none)",
             "speedup": "median over rounds of t_transformers / t_side, sides interleaved with rotating order",
-            "mfu": "flops_per_token (growlm.flops: 6*N_matmul + 12*L*T*d_attn) * tokens/s / measured matmul peak "
+            "mfu": "flops_per_token (growlm.train.flops: 6*N_matmul + 12*L*T*d_attn) * tokens/s / measured matmul peak "
                    "of the same dtype and threads (best of the start and end measurements)",
             "peak_mem_mb": "VmHWM over the timed steps (reset after warm-up) minus VmRSS at the start of the case "
                            "(after gc + malloc_trim); setup_peak_mem_mb: the same over build + warm-up (+ compile)",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from growlm.config import ModelConfig
+from growlm.models.config import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("GROWLM_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -45,7 +45,7 @@ def shared_data(*parts: str) -> Path:
 def smollm2():
     """The embedded SmolLM2-135M-Instruct as (growlm model in float32, tokenizer); skips if not installed."""
     from growlm.errors import GrowlmError
-    from growlm.hf import load_model
+    from growlm.models.hf import load_model
 
     try:
         model, tok = load_model("smollm2-135m")

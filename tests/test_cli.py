@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from growlm.cli import main
-from growlm.hf import save_hf
-from growlm.model import GPT
+from growlm.models.hf import save_hf
+from growlm.models.model import GPT
 from tests.conftest import tiny_config
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from growlm.data import (
+from growlm.train.data import (
     BlockSampler,
     ByteTokenizer,
     DataConfig,
@@ -74,7 +74,7 @@ def test_folio_and_modern_spellings_are_not_mixed(tmp_path):
 
 
 def test_default_corpus_is_shakespeare_modern_spelling_split_by_play():
-    from growlm.data import data_files
+    from growlm.train.data import data_files
 
     files = data_files(None)
     assert len(files) == 42 and all(f.name.endswith("_gut.txt") for f in files)

@@ -20,9 +20,9 @@ WORKER = textwrap.dedent(
     import sys, copy
     import numpy as np, torch
     from safetensors.torch import save_file
-    from growlm.config import ModelConfig
-    from growlm.data import DataConfig, PackedData
-    from growlm.model import GPT
+    from growlm.models.config import ModelConfig
+    from growlm.train.data import DataConfig, PackedData
+    from growlm.models.model import GPT
     from growlm.train import GrowthConfig, OptimConfig, RunConfig, TrainConfig, Trainer
 
     out, accum = sys.argv[1], int(sys.argv[2])

@@ -29,8 +29,8 @@ from growlm.eval import (
     rolling_windows,
     tok_encode,
 )
-from growlm.model import GPT
-from growlm.tasks import TASKS, WSC273
+from growlm.models.model import GPT
+from growlm.eval.tasks import TASKS, WSC273
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -95,7 +95,7 @@ def tok(data):
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def pair(request, tok, tmp_path_factory):
     """(growlm model, HF directory of the same weights) for one family."""
-    from growlm.hf import save_hf
+    from growlm.models.hf import save_hf
 
     torch.manual_seed(1)
     model = GPT(tiny_config(request.param, vocab_size=len(tok), block_size=512)).eval()
@@ -258,7 +258,7 @@ def test_data_dir_layout_and_limit(pair, tok, task_files):
 @pytest.mark.slow
 def test_smollm2_hellaswag_matches_harness(smollm2, data, tmp_path):
     """The real default model: per-item log-likelihoods within 1e-3 of the harness on 20 HellaSwag items."""
-    from growlm.hf import default_model_dir
+    from growlm.models.hf import default_model_dir
 
     model, tok = smollm2
     n = 20

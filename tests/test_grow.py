@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from growlm.errors import GrowlmError
-from growlm.grow import GrowthSpec, _gather, apply_update_scale, grow, snapshot_scaled, transfer_adamw_state
-from growlm.model import GPT
+from growlm.growth.ops import GrowthSpec, _gather, apply_update_scale, grow, snapshot_scaled, transfer_adamw_state
+from growlm.models.model import GPT
 
 from .conftest import tiny_config
 
@@ -145,7 +145,7 @@ def test_head_dim_growth_exact_for_learned_positions(name, tied, noise, dtype, t
     if dtype == torch.float32 and noise and tied:
         from transformers import AutoModelForCausalLM
 
-        from growlm.hf import save_hf
+        from growlm.models.hf import save_hf
 
         save_hf(res.model, tmp_path / "hf")
         hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
@@ -415,7 +415,7 @@ def _assert_same(a: GPT, b: GPT, atol: float):
 def test_grown_model_exports_to_transformers(family, tied, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from growlm.hf import save_hf
+    from growlm.models.hf import save_hf
 
     m = make_model(family, tied)
     res = grow(grow(m, GrowthSpec("depth", n=2, where="interleave")).model, GrowthSpec("width", factor=2))
@@ -428,7 +428,7 @@ def test_grown_model_exports_to_transformers(family, tied, tmp_path):
 
 
 def test_gpt2_heads_only_growth_cannot_export(tmp_path):
-    from growlm.hf import save_hf
+    from growlm.models.hf import save_hf
 
     res = grow(make_model("gpt2", True), GrowthSpec("width", n_head=8))
     with pytest.raises(GrowlmError, match="head_dim"):
@@ -439,7 +439,7 @@ def test_cli_grow_writes_a_loadable_directory(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from growlm.cli import main
-    from growlm.hf import save_hf
+    from growlm.models.hf import save_hf
 
     m = make_model("llama", True)
     save_hf(m, tmp_path / "src")
@@ -493,8 +493,8 @@ def test_vocab_growth_nested_bpe(tmp_path, capsys):
     """Nested BPE 300 -> 360: old rows unchanged, old-token logits unchanged, measured loss change."""
     from transformers import AutoTokenizer
 
-    from growlm.assets import shakespeare_files
-    from growlm.tokenizer import merge_sources, nested_prefix, train_bpe
+    from growlm.models.assets import shakespeare_files
+    from growlm.models.tokenizer import merge_sources, nested_prefix, train_bpe
 
     files = shakespeare_files()
     train_text = files[0].read_text()[:150_000]
@@ -554,7 +554,7 @@ def test_vocab_growth_nested_bpe(tmp_path, capsys):
 # ---------------------------------------------------------------------------- 6. SmolLM2 integration
 @pytest.mark.slow
 def test_smollm2_interleaved_identity_blocks_keep_perplexity(smollm2):
-    from growlm.data import DataConfig, read_documents, split_documents
+    from growlm.train.data import DataConfig, read_documents, split_documents
 
     model, tok = smollm2
     cfg = DataConfig()  # the default corpus and split: a slice of the first validation play

@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from growlm.errors import GrowlmError
-from growlm.hf import from_hf, load_model, save_hf, state_dict_from_hf, state_dict_to_hf, to_hf
-from growlm.model import GPT
+from growlm.models.hf import from_hf, load_model, save_hf, state_dict_from_hf, state_dict_to_hf, to_hf
+from growlm.models.model import GPT
 from tests.conftest import tiny_config
 
 LLAMA_CASES = {

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from growlm.config import ModelConfig
-from growlm.model import GPT, KVCache, sample_next
+from growlm.models.config import ModelConfig
+from growlm.models.model import GPT, KVCache, sample_next
 from tests.conftest import tiny_config
 
 

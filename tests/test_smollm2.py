@@ -9,7 +9,7 @@ pytestmark = pytest.mark.slow
 def test_logits_match_transformers_gguf(smollm2):
     from transformers import AutoModelForCausalLM
 
-    from growlm.assets import smollm2_gguf
+    from growlm.models.assets import smollm2_gguf
 
     model, tok = smollm2
     f = smollm2_gguf()

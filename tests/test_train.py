@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from growlm.data import DataConfig, PackedData
+from growlm.train.data import DataConfig, PackedData
 from growlm.errors import GrowlmError
-from growlm.flops import flops_per_token, matmul_params
-from growlm.model import GPT
-from growlm.regularize import build_ewc, kd_loss, per_sample_fisher
+from growlm.train.flops import flops_per_token, matmul_params
+from growlm.models.model import GPT
+from growlm.train.regularize import build_ewc, kd_loss, per_sample_fisher
 from growlm.train import (
     GrowthConfig,
     OptimConfig,
@@ -405,7 +405,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, textdir, capsys):
 
 # -- checkpoints ---------------------------------------------------------------------------------------------
 def test_checkpoints_keep_last_and_best_and_writes_are_atomic(tmp_path, monkeypatch):
-    from growlm import checkpoint
+    from growlm.train import checkpoint
 
     cfg = config(tmp_path, run=dict(max_steps=6, save_every=1, keep_last=2, eval_every=1))
     t = trainer(cfg, GPT(tiny_config("llama")))
@@ -461,7 +461,7 @@ def test_recipes_parse(name):
     cfg = TrainConfig.from_dict(d)
     assert cfg.run.max_steps >= 1
     if cfg.growth.trigger != "none":
-        from growlm.grow import GrowthSpec
+        from growlm.growth import GrowthSpec
 
         for op in cfg.growth.operators:
             GrowthSpec.from_dict(op)
@@ -470,7 +470,7 @@ def test_recipes_parse(name):
 
 
 def test_executed_flops_account_for_freezing():
-    from growlm.flops import executed_flops_per_token
+    from growlm.train.flops import executed_flops_per_token
 
     cfg = tiny_config("llama")  # untied head
     model = GPT(cfg)

@@ -65,7 +65,7 @@ Operators
     each unit's clones (`noise` x std of the weight); the clones' inputs are equal, so the output is
     unchanged up to float rounding while their gradients now differ. On by default (`noise=0.01`).
 - ``vocab``: V -> V' for a nested BPE (the small tokenizer is a prefix of the big one, see
-  growlm.tokenizer). Row t >= V of wte (and of an untied lm_head) is the mean of the rows of the old tokens
+  growlm.models.tokenizer). Row t >= V of wte (and of an untied lm_head) is the mean of the rows of the old tokens
   that token t merges. Old rows are unchanged, so on old-token inputs the logits of old tokens are exactly
   unchanged; the softmax now also covers the new tokens, so the loss of old-tokenised text rises by
   log(1 + sum_new e^z / sum_old e^z) >= 0. Not function-preserving: measure the loss change (bits per byte)
@@ -100,9 +100,10 @@ from typing import Any, Literal
 
 import torch
 
-from growlm.config import ModelConfig, check_keys
+from growlm.models.config import ModelConfig, check_keys
 from growlm.errors import GrowlmError
-from growlm.model import GPT
+from growlm.models.model import GPT
+from growlm.models.tokenizer import merge_sources
 
 Operator = Literal["depth", "stack", "width", "vocab"]
 OPERATORS = ("depth", "stack", "width", "vocab")
@@ -144,7 +145,7 @@ class GrowthSpec:
     vocab_size: int | None = None
     """vocab: new vocabulary size."""
     vocab_sources: list[list[int]] | None = None
-    """vocab: for each new token id V..V'-1, the old token ids it merges (see growlm.tokenizer.merge_sources)."""
+    """vocab: for each new token id V..V'-1, the old token ids it merges (see growlm.models.tokenizer.merge_sources)."""
     tokenizer: str | None = None
     """vocab: directory of the bigger nested tokenizer; `vocab_sources` is derived from it when not given."""
 
@@ -621,7 +622,6 @@ def _grow_vocab(model: GPT, spec: GrowthSpec):
     Vn = spec.vocab_size
     sources = spec.vocab_sources
     if sources is None and spec.tokenizer is not None:
-        from growlm.tokenizer import merge_sources
 
         sources = merge_sources(spec.tokenizer, V)
         Vn = Vn or V + len(sources)

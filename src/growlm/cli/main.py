@@ -1,6 +1,6 @@
 """The `growlm` command line: one subcommand per typed function (jsonargparse).
 
-Each command lives in a `cmd_*.py` module; this module only dispatches and turns user errors
+Each command group lives in a module of `growlm.cli`; this module only dispatches and turns user errors
 (`GrowlmError`, missing files, bad configs) into one line on stderr and exit code 2.
 """
 
@@ -9,37 +9,32 @@ from __future__ import annotations
 import os
 import sys
 from typing import Callable
+from growlm.cli import eval as cmd_eval
+from growlm.cli import grow as cmd_grow
+from growlm.cli import model as cmd_model
+from growlm.cli import train as cmd_train
+from growlm.errors import GrowlmError
 
 
 def _commands() -> dict[str, Callable]:
-    from growlm import cmd_model
 
-    cmds: dict[str, Callable] = {
+    return {
         "info": cmd_model.info,
         "convert": cmd_model.convert,
         "generate": cmd_model.generate,
         "perplexity": cmd_model.perplexity,
         "demo": cmd_model.demo,
         "tokenizer": cmd_model.tokenizer,
+        "grow": cmd_grow.grow,
+        "eval": cmd_eval.eval,
+        "train": cmd_train.train,
     }
-    # commands of the other subsystems: (name, module, function)
-    import importlib
-
-    for name, module, fn in (("grow", "growlm.cmd_grow", "grow"), ("eval", "growlm.cmd_eval", "eval"),
-                             ("train", "growlm.cmd_train", "train")):
-        try:
-            cmds[name] = getattr(importlib.import_module(module), fn)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-    return cmds
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from jsonargparse import ArgumentParser, CLI  # noqa: F401
 
-    from growlm.errors import GrowlmError
 
     argv = [_underscore_option(a) for a in (sys.argv[1:] if argv is None else argv)]
     try:
@@ -97,6 +92,3 @@ def _quiet_libraries() -> None:
 def entry() -> None:
     sys.exit(main())
 
-
-if __name__ == "__main__":
-    entry()

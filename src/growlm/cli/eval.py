@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 from growlm.errors import GrowlmError
+from growlm.eval import evaluate
+from growlm.models.hf import load_model
 
 METRIC_ORDER = ("acc", "acc_norm", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte",
                 "token_perplexity")
@@ -45,8 +47,6 @@ def eval(  # noqa: A001 - the subcommand is called `eval`
     from rich.console import Console
     from rich.table import Table
 
-    from growlm.eval import evaluate
-    from growlm.hf import load_model
 
     if dtype not in ("float32", "bfloat16"):
         raise GrowlmError(f"dtype must be float32 or bfloat16, got {dtype!r}")

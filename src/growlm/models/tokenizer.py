@@ -4,7 +4,7 @@ BPE training (Sennrich et al. 2016; byte-level as GPT-2, Radford et al. 2019) is
 after merges 0..k-1 and never revisited, and the `tokenizers` trainer numbers the vocabulary as
 [special tokens, the 256 byte symbols, merge results in merge order]. So the first V ids and the merges
 producing them are exactly a V-token BPE, and a model trained with it can be grown to the big vocabulary
-(growlm.grow `vocab` operator) with the old ids unchanged. Train the big one once (`train_bpe`), derive the
+(growlm.growth `vocab` operator) with the old ids unchanged. Train the big one once (`train_bpe`), derive the
 small one (`nested_prefix`), and ask which old tokens each new token merges (`merge_sources`).
 Files are saved in the Hugging Face format (`PreTrainedTokenizerFast`, loadable by `AutoTokenizer`).
 """

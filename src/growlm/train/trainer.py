@@ -4,12 +4,12 @@ One `Trainer` runs AdamW (Loshchilov & Hutter 2019) with warmup then cosine/line
 default) or a constant rate, gradient accumulation, clipping, bf16 autocast with float32 weights,
 periodic evaluation, `metrics.jsonl`, atomic checkpoints and exact resume, under torchrun/DDP or not.
 
-Growth during training (the seed model card's design; operators in `growlm.grow`):
+Growth during training (the seed model card's design; operators in `growlm.growth`):
 - triggers: a fixed schedule (`start + k * every`, at most `max_events`), an explicit list of steps, or a
   validation plateau (`PlateauTrigger`: `patience` evaluations without an improvement of `min_delta`,
   then `cooldown` evaluations of rest);
 - each event evaluates just before, grows, rebuilds AdamW and carries its moments over
-  (`growlm.grow.transfer_adamw_state`, the Adam-state rule documented in growlm.grow), evaluates just after and logs the
+  (`growlm.growth.transfer_adamw_state`, the Adam-state rule documented in growlm.growth), evaluates just after and logs the
   validation-loss delta (0 up to rounding for function-preserving operators);
 - what was learned before: `old_params="freeze"` (whole old tensors get requires_grad=False, old elements
   of grown tensors a zero update; "freeze_base" freezes only the original model), `"decay"` (generation g trains at `gen_lr_mult ** (G - g)` times the
@@ -17,7 +17,7 @@ Growth during training (the seed model card's design; operators in `growlm.grow`
   p = p_before + m * (p_after - p_before), because Adam normalises gradient scale away (fact 6); the
   operators' own per-element `update_scale` (x n width cloning) multiplies in the same way; new
   elements can be warmed up linearly over `new_warmup_steps`;
-- regularisers (`growlm.regularize`): KD from the frozen pre-growth snapshot and EWC anchored at growth.
+- regularisers (`growlm.train.regularize`): KD from the frozen pre-growth snapshot and EWC anchored at growth.
 
 Non-finite loss policy: a step whose loss (or gradient norm) is NaN/inf is skipped (no update, its batch
 is consumed, the schedule advances); more than `max_nan_skips` consecutive skips stop the run with a
@@ -43,12 +43,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from growlm.config import ModelConfig, check_keys
-from growlm.data import BlockSampler, DataConfig, PackedData, prepare_data, retention_text, stack_blocks, text_blocks
 from growlm.errors import GrowlmError
-from growlm.flops import executed_flops_per_token, matmul_peak
-from growlm.model import GPT
-from growlm.regularize import EWC, build_ewc, kd_loss
+from growlm.growth import GrowthSpec, grow, transfer_adamw_state
+from growlm.models.config import ModelConfig, check_keys
+from growlm.models.hf import load_model, save_hf
+from growlm.models.model import GPT
+from growlm.train import checkpoint as ckpt
+from growlm.train.data import (BlockSampler, ByteTokenizer, DataConfig, PackedData, prepare_data, retention_text,
+                               stack_blocks, text_blocks)
+from growlm.train.flops import executed_flops_per_token, matmul_peak
+from growlm.train.regularize import EWC, build_ewc, kd_loss
 
 
 # -- configuration ------------------------------------------------------------------------------------
@@ -57,7 +61,7 @@ class ModelSource:
     """Which model to start from."""
 
     name: str = "smollm2-135m"
-    """With init=pretrained: a spec for growlm.hf.load_model (smollm2-135m, a HF/growlm dir, a .gguf, a hub id).
+    """With init=pretrained: a spec for growlm.models.hf.load_model (smollm2-135m, a HF/growlm dir, a .gguf, a hub id).
     With init=scratch: a ModelConfig preset name (tiny-llama, tiny-gpt2, gpt2, smollm2-135m)."""
     init: Literal["pretrained", "scratch"] = "pretrained"
     """Load pretrained weights, or build a randomly initialised model from a preset."""
@@ -133,8 +137,6 @@ class GrowthConfig:
             raise GrowlmError("growth.operators is empty: give at least one operator, e.g. [{operator: depth}]")
         if not 0 <= self.gen_lr_mult <= 1:
             raise GrowlmError(f"growth.gen_lr_mult must be in [0, 1], got {self.gen_lr_mult}")
-        from growlm.grow import GrowthSpec
-
         for op in self.operators:  # fail before training, not at the first growth event
             if not isinstance(op, dict):
                 raise GrowlmError(f"growth.operators entries must be mappings, got {op!r}")
@@ -338,8 +340,6 @@ def load_tokenizer(spec: str | None, fallback: Any) -> Any:
             raise GrowlmError("the model has no tokenizer; set model.tokenizer (e.g. 'bytes' or a tokenizer dir)")
         return fallback
     if spec == "bytes":
-        from growlm.data import ByteTokenizer
-
         return ByteTokenizer()
     from transformers import AutoTokenizer
 
@@ -360,8 +360,6 @@ def build_model(src: ModelSource, dtype: torch.dtype, seed: int) -> tuple[GPT, A
         return GPT(cfg).to(dtype), None
     if src.overrides:
         raise GrowlmError("model.overrides only applies to init=scratch")
-    from growlm.hf import load_model
-
     return load_model(src.name, dtype=dtype)
 
 
@@ -391,8 +389,6 @@ class Trainer:
         tokenizer: Any = None,
         data: PackedData | None = None,
         callback: Callback | None = None,
-        grow_fn: Callable | None = None,
-        transfer_fn: Callable | None = None,
     ) -> None:
         self.cfg = cfg
         self.callback = callback or (lambda kind, rec: None)
@@ -404,9 +400,6 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / "metrics.jsonl"
 
-        from growlm import checkpoint as ckpt
-
-        self._ckpt = ckpt
         resume_from = None
         if r.resume:
             resume_from = ckpt.latest(self.ckpt_dir)
@@ -437,17 +430,6 @@ class Trainer:
         self.sampler = BlockSampler(data.n_blocks("train", cfg.data.seq_len), cfg.data.seed)
         n_val = data.n_blocks("val", cfg.data.seq_len)
         self.val_indices = list(range(n_val if cfg.data.val_blocks == 0 else min(n_val, cfg.data.val_blocks)))
-
-        if grow_fn is None or transfer_fn is None:
-            try:
-                from growlm import grow as grow_mod
-
-                grow_fn = grow_fn or grow_mod.grow
-                transfer_fn = transfer_fn or grow_mod.transfer_adamw_state
-            except ImportError:
-                if cfg.growth.trigger != "none":
-                    raise GrowlmError("growth needs growlm.grow, which is not available") from None
-        self.grow_fn, self.transfer_fn = grow_fn, transfer_fn
 
         # training state (all of it goes into checkpoints)
         self.step = 0
@@ -692,8 +674,6 @@ class Trainer:
 
     def grow_now(self, val_before: float | None = None) -> dict[str, Any]:
         """One growth event: evaluate, grow, rebuild AdamW with transferred moments, evaluate, log."""
-        from growlm.grow import GrowthSpec
-
         g, reg = self.cfg.growth, self.cfg.reg
         k = len(self.events)
         spec = GrowthSpec.from_dict(dict(g.operators[k % len(g.operators)]))
@@ -704,7 +684,7 @@ class Trainer:
         n_before = old_model.num_params()
         shapes = dict(old_model.named_parameters())
         gens = {n: t.to(torch.int32).expand(shapes[n].shape) for n, t in self.generations.items()} or None
-        res = self.grow_fn(old_model, spec, generations=gens, generation=self.generation + 1,
+        res = grow(old_model, spec, generations=gens, generation=self.generation + 1,
                            seed=self.cfg.run.seed * 1000 + k + 1, update_scale=self.update_scale or None)
         self.model = res.model.to(device=self.device, dtype=self.dtype)
         self.generation += 1
@@ -713,7 +693,7 @@ class Trainer:
         self.last_growth_step = self.step
         self._apply_freeze()
         self.optimizer = self._build_optimizer()
-        self.transfer_fn(old_model, old_opt, res, self.optimizer)
+        transfer_adamw_state(old_model, old_opt, res, self.optimizer)
         del old_opt
         self._wrap()
         if reg.ewc_lambda > 0:
@@ -834,7 +814,7 @@ class Trainer:
         tensors = {"generations": self.generations, "update_scale": self.update_scale}
         if self.ewc is not None:
             tensors["ewc"] = self.ewc.tensors()
-        path = self._ckpt.save_checkpoint(
+        path = ckpt.save_checkpoint(
             self.ckpt_dir, self.step, self.model, self.optimizer, self.state(), _comparable(self.cfg.to_dict()),
             tensors=tensors, teacher=self.teacher, keep_last=self.cfg.run.keep_last, val_loss=val,
         )
@@ -846,7 +826,7 @@ class Trainer:
             torch.distributed.barrier()
 
     def _load(self, path: Path) -> None:
-        c = self._ckpt.load_checkpoint(path, device=self.device)
+        c = ckpt.load_checkpoint(path, device=self.device)
         s = c["state"]
         if s.get("world", 1) != self.world:
             raise GrowlmError(f"cannot resume {path}: it was written by {s.get('world')} processes, now {self.world}")
@@ -915,8 +895,6 @@ def train(cfg: TrainConfig, callback: Callback | None = None, **kw: Any) -> Trai
     trainer = Trainer(cfg, callback=callback, **kw)
     result = trainer.fit()
     if cfg.run.export_hf and trainer.rank == 0:
-        from growlm.hf import save_hf
-
         tok = trainer.tokenizer if hasattr(trainer.tokenizer, "save_pretrained") else None
         save_hf(trainer.model, Path(cfg.run.out_dir) / "hf", tok)
     return result

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from growlm.config import ModelConfig
+from growlm.models.config import ModelConfig
 from growlm.errors import GrowlmError
-from growlm.model import GPT
+from growlm.models.model import GPT
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 

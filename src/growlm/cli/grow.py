@@ -1,7 +1,7 @@
 """`growlm grow`: grow a checkpoint offline (depth, then width, then vocabulary) and write a directory.
 
 Like LLaMA-Pro's block-expansion script, but for every growlm operator. Besides the model (Hugging Face
-format by default) the output holds `growth.json` (one record per step, see growlm.grow),
+format by default) the output holds `growth.json` (one record per step, see growlm.growth),
 `growth_generations.safetensors` (per-element generation tags, int8) and, after width growth,
 `growth_update_scale.safetensors` (per-element update multipliers the training loop must apply).
 """
@@ -16,8 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from growlm.errors import GrowlmError
-from growlm.grow import GrowthSpec, grow as grow_model
-from growlm.hf import DEFAULT_MODEL, load_model, save_growlm, save_hf
+from growlm.growth import GrowthSpec, grow as grow_model
+from growlm.models.hf import DEFAULT_MODEL, load_model, save_growlm, save_hf
 
 console = Console()
 

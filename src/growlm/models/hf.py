@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from growlm.assets import cache_dir, smollm2_gguf
-from growlm.config import ModelConfig
+from growlm.models.assets import cache_dir, smollm2_gguf
+from growlm.models.config import ModelConfig
 from growlm.errors import GrowlmError
-from growlm.model import GPT
+from growlm.models.model import GPT
 
 DEFAULT_MODEL = "smollm2-135m"
 GROWLM_CONFIG = "growlm_config.json"

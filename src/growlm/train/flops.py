@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from growlm.config import ModelConfig
+from growlm.models.config import ModelConfig
+from growlm.models.assets import cache_dir
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -101,7 +102,6 @@ def matmul_peak(dtype: torch.dtype = torch.bfloat16, device: str = "cpu", cache:
     if env:
         return float(env)
     if cache is None:
-        from growlm.assets import cache_dir
 
         cache = cache_dir() / "matmul_peak.json"
     if device.startswith("cuda"):

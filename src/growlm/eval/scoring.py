@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from growlm.errors import GrowlmError
-from growlm.model import GPT, KVCache, apply_rope, rope_cache
+from growlm.models.model import GPT, KVCache, apply_rope, rope_cache
+from growlm.eval.tasks import get_task
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -464,7 +465,6 @@ def evaluate(
     evaluated document left out (the harness's ContextSampler with its default fewshot seed 1234).
     Returns {"results": {task: metrics}, "samples": {task: per-document scores}}.
     """
-    from growlm.tasks import get_task
 
     names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
     if num_fewshot < 0:

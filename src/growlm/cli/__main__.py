@@ -1,0 +1,3 @@
+from growlm.cli.main import entry
+
+entry()

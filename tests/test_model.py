@@ -86,3 +86,12 @@ def test_config_roundtrip_and_unknown_keys(tmp_path):
     assert ModelConfig.load(tmp_path / "c.json") == cfg
     with pytest.raises(ValueError, match="unknown model config keys: bogus"):
         ModelConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_from_state_dict_builds_the_same_model_without_init():
+    for family in ("tiny-llama", "tiny-gpt2"):
+        m = GPT(ModelConfig.from_preset(family))
+        m2 = GPT.from_state_dict(m.config, m.state_dict())
+        x = torch.randint(0, 96, (2, 8))
+        assert torch.equal(m(x), m2(x))
+        assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))

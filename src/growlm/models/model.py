@@ -197,6 +197,17 @@ class GPT(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.reset_parameters()
 
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], device: torch.device | str | None = None,
+                        dtype: torch.dtype | None = None) -> "GPT":
+        """The one model builder from weights: built on the meta device (no random init, no second copy),
+        then the tensors are assigned. Every key must match (a tied head has no lm_head key)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None).contiguous() for k, v in state_dict.items()}
+        model.load_state_dict(sd, strict=True, assign=True)
+        return model
+
     # -- init ------------------------------------------------------------
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layer)."""

@@ -17,7 +17,7 @@ from growlm.errors import GrowlmError
 from growlm.growth import GrowthSpec
 from growlm.train.flops import flops_per_token, matmul_params
 from growlm.models.model import GPT
-from growlm.train.regularize import build_ewc, kd_loss, per_sample_fisher
+from growlm.train.regularize import build_ewc, kd_loss, per_sample_fisher, sample_labels
 from growlm.train import (
     GrowthConfig,
     OptimConfig,
@@ -247,6 +247,9 @@ def test_ewc_fisher_is_the_mean_of_per_sample_squared_gradients():
             direct[n] += p.grad**2 / 5
     for n in names:
         torch.testing.assert_close(fisher[n].double(), direct[n], rtol=1e-5, atol=1e-12)
+    loop = per_sample_fisher(model, x, y, method="loop")  # the library's reference path agrees as well
+    for n in names:
+        torch.testing.assert_close(loop[n].double(), direct[n], rtol=1e-5, atol=1e-12)
     # the known bug: squaring the batch-mean gradient gives (mean g)^2 <= mean(g^2), and depends on the batch size
     model.zero_grad()
     torch.nn.functional.cross_entropy(model(x).reshape(-1, 96), y.reshape(-1)).backward()
@@ -267,8 +270,40 @@ def test_ewc_penalty_zero_at_anchor_and_zero_fisher_for_new_elements():
         model.blocks[0].attn.q.weight.add_(0.1)
     want = 0.5 * 3.0 * float((ewc.fisher["blocks.0.attn.q.weight"] * 0.01).sum())
     torch.testing.assert_close(float(ewc.penalty(model).detach()), want, rtol=1e-6, atol=0)
-    true_f = build_ewc(model, x, y, lam=1.0, fisher="true", generator=torch.Generator().manual_seed(0))
-    assert set(true_f.fisher) == set(ewc.fisher)
+
+
+def _fisher_loop(model: GPT, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The definition, one sequence at a time: mean over b of (d mean-token-CE_b / d theta)^2, in float64."""
+    out = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for b in range(x.shape[0]):
+        model.zero_grad()
+        logits = model(x[b : b + 1])
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[b].reshape(-1)).backward()
+        for n, p in model.named_parameters():
+            out[n] += p.grad**2 / x.shape[0]
+    model.zero_grad()
+    return out
+
+
+def test_true_fisher_equals_the_per_sample_loop_on_sampled_labels():
+    model = GPT(tiny_config("llama")).double()
+    x, y = torch.randint(0, 96, (5, 8)), torch.randint(0, 96, (5, 8))
+    new = {"blocks.0.mlp.up.weight": torch.zeros_like(model.blocks[0].mlp.up.weight, dtype=torch.bool)}
+    new["blocks.0.mlp.up.weight"][:3] = True
+    true_f = build_ewc(model, x, y, lam=1.0, new_elements=new, fisher="true", generator=torch.Generator().manual_seed(3))
+    labels = sample_labels(model, x, torch.Generator().manual_seed(3))  # the labels build_ewc drew
+    assert not torch.equal(labels, y)
+    want = _fisher_loop(model, x, labels)
+    want["blocks.0.mlp.up.weight"][:3] = 0.0  # new elements anchor nothing
+    assert set(true_f.fisher) == set(want)
+    for n, f in true_f.fisher.items():
+        torch.testing.assert_close(f.double(), want[n], rtol=1e-5, atol=1e-12, msg=n)  # F is kept in float32
+    empirical = build_ewc(model, x, y, lam=1.0)
+    gold = _fisher_loop(model, x, y)
+    for n, f in empirical.fisher.items():
+        torch.testing.assert_close(f.double(), gold[n], rtol=1e-5, atol=1e-12, msg=n)
+    # the two Fishers differ (the labels matter): a test that would pass with either one could not fail
+    assert any(not torch.allclose(true_f.fisher[n], empirical.fisher[n], rtol=1e-2) for n in want)
 
 
 def test_kd_loss_formula_and_zero_right_after_growth(tmp_path):

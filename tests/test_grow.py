@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from growlm.errors import GrowlmError
-from growlm.growth.ops import GrowthSpec, _gather, apply_update_scale, grow, snapshot_scaled, transfer_adamw_state
+from growlm.growth.ops import GrowthSpec, _gather, grow
 from growlm.models.model import GPT
+from growlm.train.optim import multiplied_step, transfer_adamw_state
 
 from .conftest import tiny_config
 
@@ -361,9 +362,7 @@ def test_adamw_transfer_width_cloning(spec, family, tied):
     opt2 = torch.optim.AdamW(g2.parameters(), **hp)
     transfer_adamw_state(m, opt, res, opt2)  # same param_map (deterministic growth)
     loss_of(g2, idx).backward()
-    before = snapshot_scaled(g, res.update_scale)
-    new_opt.step()
-    apply_update_scale(before, g, res.update_scale)
+    multiplied_step(new_opt, g, res.update_scale)  # the Trainer's step: p_before + s (p_after - p_before)
     opt2.step()  # no scaling
     opt.step()
     x = idx[:, :-1]

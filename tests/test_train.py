@@ -14,9 +14,10 @@ import torch
 
 from growlm.train.data import DataConfig, PackedData
 from growlm.errors import GrowlmError
+from growlm.growth import GrowthSpec
 from growlm.train.flops import flops_per_token, matmul_params
 from growlm.models.model import GPT
-from growlm.train.regularize import build_ewc, kd_loss, per_sample_fisher
+from growlm.train.regularize import build_ewc, kd_loss, per_sample_fisher, sample_labels
 from growlm.train import (
     GrowthConfig,
     OptimConfig,
@@ -106,10 +107,10 @@ def test_resume_after_kill_is_exact(tmp_path, kill_at):
     cfg = config(tmp_path, "killed", **copy.deepcopy(RESUME_SECTIONS))
     first = trainer(cfg, model)
     first.fit(stop_after=k)
-    assert first.step == k
+    assert first.state.step == k
     resumed_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume=True))
     resumed = Trainer(resumed_cfg, model=copy.deepcopy(model), data=packed())
-    assert resumed.step == k
+    assert resumed.state.step == k
     res = resumed.fit()
     assert [e["step"] for e in res.events] == [3, 6]
     for n, p in params(full.model).items():
@@ -159,7 +160,7 @@ def test_frozen_params_are_bit_identical_after_training(tmp_path, policy, frozen
 
     def on(kind, rec):
         if kind == "growth":
-            snaps[rec["event"]] = (params(t.model), {n: g.clone() for n, g in t.generations.items()})
+            snaps[rec["event"]] = (params(t.model), {n: g.dense() for n, g in t.state.generations.items()})
 
     t = trainer(cfg, GPT(tiny_config("llama")), callback=on)
     res = t.fit()
@@ -185,8 +186,8 @@ def test_generation_multiplier_scales_the_adamw_update(tmp_path):
     t = trainer(cfg, GPT(tiny_config("llama")))
     t.grow_now()
     t.train_step()  # one ordinary step so that the moments are not trivially fresh
-    t.step += 1
-    p0, opt0, sampler0 = params(t.model), copy.deepcopy(t.optimizer.state_dict()), t.sampler.state_dict()
+    t.state.step += 1
+    p0, opt0, sampler0 = params(t.model), copy.deepcopy(t.optimizer.state_dict()), t.state.sampler.state_dict()
     t.train_step()
     p_m = params(t.model)
     # the same step again with every multiplier 1
@@ -194,12 +195,11 @@ def test_generation_multiplier_scales_the_adamw_update(tmp_path):
         for n, p in t.model.named_parameters():
             p.copy_(p0[n])
     t.optimizer.load_state_dict(opt0)
-    t.sampler.load_state_dict(sampler0)
+    t.state.sampler.load_state_dict(sampler0)
     t.cfg = dataclasses.replace(t.cfg, growth=dataclasses.replace(t.cfg.growth, old_params="train"))
-    t._mult_cache = None
     t.train_step()
     p_1 = params(t.model)
-    gens = t.generations
+    gens = {n: g.dense() for n, g in t.state.generations.items()}
     checked = 0
     for n in p0:
         gen = gens[n].expand(p0[n].shape)
@@ -247,6 +247,9 @@ def test_ewc_fisher_is_the_mean_of_per_sample_squared_gradients():
             direct[n] += p.grad**2 / 5
     for n in names:
         torch.testing.assert_close(fisher[n].double(), direct[n], rtol=1e-5, atol=1e-12)
+    loop = per_sample_fisher(model, x, y, method="loop")  # the library's reference path agrees as well
+    for n in names:
+        torch.testing.assert_close(loop[n].double(), direct[n], rtol=1e-5, atol=1e-12)
     # the known bug: squaring the batch-mean gradient gives (mean g)^2 <= mean(g^2), and depends on the batch size
     model.zero_grad()
     torch.nn.functional.cross_entropy(model(x).reshape(-1, 96), y.reshape(-1)).backward()
@@ -267,8 +270,40 @@ def test_ewc_penalty_zero_at_anchor_and_zero_fisher_for_new_elements():
         model.blocks[0].attn.q.weight.add_(0.1)
     want = 0.5 * 3.0 * float((ewc.fisher["blocks.0.attn.q.weight"] * 0.01).sum())
     torch.testing.assert_close(float(ewc.penalty(model).detach()), want, rtol=1e-6, atol=0)
-    true_f = build_ewc(model, x, y, lam=1.0, fisher="true", generator=torch.Generator().manual_seed(0))
-    assert set(true_f.fisher) == set(ewc.fisher)
+
+
+def _fisher_loop(model: GPT, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The definition, one sequence at a time: mean over b of (d mean-token-CE_b / d theta)^2, in float64."""
+    out = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for b in range(x.shape[0]):
+        model.zero_grad()
+        logits = model(x[b : b + 1])
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[b].reshape(-1)).backward()
+        for n, p in model.named_parameters():
+            out[n] += p.grad**2 / x.shape[0]
+    model.zero_grad()
+    return out
+
+
+def test_true_fisher_equals_the_per_sample_loop_on_sampled_labels():
+    model = GPT(tiny_config("llama")).double()
+    x, y = torch.randint(0, 96, (5, 8)), torch.randint(0, 96, (5, 8))
+    new = {"blocks.0.mlp.up.weight": torch.zeros_like(model.blocks[0].mlp.up.weight, dtype=torch.bool)}
+    new["blocks.0.mlp.up.weight"][:3] = True
+    true_f = build_ewc(model, x, y, lam=1.0, new_elements=new, fisher="true", generator=torch.Generator().manual_seed(3))
+    labels = sample_labels(model, x, torch.Generator().manual_seed(3))  # the labels build_ewc drew
+    assert not torch.equal(labels, y)
+    want = _fisher_loop(model, x, labels)
+    want["blocks.0.mlp.up.weight"][:3] = 0.0  # new elements anchor nothing
+    assert set(true_f.fisher) == set(want)
+    for n, f in true_f.fisher.items():
+        torch.testing.assert_close(f.double(), want[n], rtol=1e-5, atol=1e-12, msg=n)  # F is kept in float32
+    empirical = build_ewc(model, x, y, lam=1.0)
+    gold = _fisher_loop(model, x, y)
+    for n, f in empirical.fisher.items():
+        torch.testing.assert_close(f.double(), gold[n], rtol=1e-5, atol=1e-12, msg=n)
+    # the two Fishers differ (the labels matter): a test that would pass with either one could not fail
+    assert any(not torch.allclose(true_f.fisher[n], empirical.fisher[n], rtol=1e-2) for n in want)
 
 
 def test_kd_loss_formula_and_zero_right_after_growth(tmp_path):
@@ -282,7 +317,7 @@ def test_kd_loss_formula_and_zero_right_after_growth(tmp_path):
                  growth=dict(trigger="steps", steps=[0], operators=[{"operator": "depth", "n": 1}]))
     tr = trainer(cfg, GPT(tiny_config("llama")))
     tr.train_step()
-    tr.step += 1
+    tr.state.step += 1
     tr.grow_now()
     x, y = packed().block("train", 0, SEQ)[None, :-1], packed().block("train", 0, SEQ)[None, 1:]
     _, parts = tr._loss(x, y)
@@ -298,7 +333,7 @@ def test_nan_step_is_skipped_and_persistent_nan_stops_without_saving(tmp_path):
 
     def flaky(x, y):
         loss, parts = real(x, y)
-        return (loss * float("nan"), parts) if t.step in nan_steps else (loss, parts)
+        return (loss * float("nan"), parts) if t.state.step in nan_steps else (loss, parts)
 
     t._loss = flaky
     t.fit(stop_after=3)
@@ -461,10 +496,8 @@ def test_recipes_parse(name):
     cfg = TrainConfig.from_dict(d)
     assert cfg.run.max_steps >= 1
     if cfg.growth.trigger != "none":
-        from growlm.growth import GrowthSpec
-
-        for op in cfg.growth.operators:
-            GrowthSpec.from_dict(op)
+        assert cfg.growth.operators and all(isinstance(op, GrowthSpec) for op in cfg.growth.operators)
+        assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # train_config.json round-trips
     with pytest.raises(GrowlmError, match="run.bogus"):
         TrainConfig.from_dict({**d, "run": {**d["run"], "bogus": 1}})
 
@@ -491,5 +524,13 @@ def test_bad_growth_operator_is_refused_before_training(tmp_path, textdir, capsy
     cfg = _yaml(tmp_path, "badop", BASE.format(**fmt))
     code, lines = _cli(["train", "--config", cfg, "--growth.trigger", "steps", "--growth.steps", "[2]",
                         "--growth.operators", "[{operator: depth, nn: 2}]"], capsys)
-    assert code == 2 and len(lines) == 1 and "unknown growth spec keys: nn" in lines[0], lines
+    assert code == 2 and len(lines) == 1 and "'nn'" in lines[0], lines  # jsonargparse parses GrowthSpec typed
     assert not (tmp_path / "out").exists()
+    # the same flag, well formed: typed specs reach the trainer and the event happens
+    code, _ = _cli(["train", "--config", cfg, "--growth.trigger", "steps", "--growth.steps", "[2]",
+                    "--growth.operators", "[{operator: depth, n: 2, where: top}]"], capsys)
+    assert code == 0
+    events = [r for r in metrics(tmp_path / "out" / "metrics.jsonl") if r["kind"] == "growth"]
+    assert [(e["step"], e["after"]["n_layer"]) for e in events] == [(2, 4)]
+    saved = json.loads((tmp_path / "out" / "checkpoints" / "step_000003" / "train_config.json").read_text())
+    assert TrainConfig.from_dict(saved).growth.operators == [GrowthSpec("depth", n=2, where="top")]

@@ -8,6 +8,7 @@ The library (`growlm.train`) never prints; this module does.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 
@@ -15,9 +16,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from growlm.train.data import DataConfig
 from growlm.train import GrowthConfig, ModelSource, OptimConfig, RegConfig, RunConfig, TrainConfig
 from growlm.train import train as run_training
+from growlm.train.data import DataConfig
+from growlm.train.parallel import dist_info
 
 console = Console() if sys.stdout.isatty() else Console(width=150)
 
@@ -68,14 +70,13 @@ def train(
         model: the starting model and its tokenizer.
         data: training text, sequence length and validation split.
         optim: AdamW and the learning-rate schedule.
-        growth: when and how the model grows, and what happens to what it already learned.
+        growth: when and how the model grows (operators: typed GrowthSpec fields), and what happens to
+            what it already learned.
         reg: KD from the pre-growth snapshot and EWC.
         run: batch, precision, evaluation, logging, checkpoints, resume.
     """
     cfg = TrainConfig(model=model, data=data, optim=optim, growth=growth, reg=reg, run=run)
-    import torch.distributed as dist
-
-    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK; the process group starts in the Trainer
     progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
                         disable=not rank0 or not console.is_terminal)
@@ -83,9 +84,7 @@ def train(
     t0 = time.perf_counter()
 
     def on(kind: str, rec: dict) -> None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        if dist_info()[0] != 0:
             return
         if kind == "log":
             progress.update(task, completed=rec["step"])

@@ -9,35 +9,36 @@ Layout of `<run>/checkpoints/step_000120/` (nanochat-style: the checkpoint carri
   train_config.json                      the TrainConfig, compared on resume
   tensors-<group>.safetensors            generations, update scales, EWC Fisher and anchor
   teacher.safetensors, teacher_config.json   the pre-growth snapshot used by KD
-A checkpoint is written into a temporary sibling folder and renamed into place (os.replace), so a run
-killed mid-write leaves the previous checkpoints intact; `latest.json` and `best.json` are replaced the
-same way. Only the `keep_last` newest checkpoints and the best one are kept.
+A checkpoint is written into a temporary sibling folder and renamed into place (`growlm.io.atomic_dir`),
+so a run killed mid-write leaves the previous checkpoints intact; `latest.json` and `best.json` are
+replaced the same way (`growlm.io.atomic_write`). Only the `keep_last` newest checkpoints and the best
+one are kept. The RNG helpers capture and restore every generator an exact resume needs (Python, NumPy,
+torch and CUDA); `truncate_metrics` drops metrics lines written after the checkpoint a run resumes from.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from growlm.models.config import ModelConfig
 from growlm.errors import GrowlmError
+from growlm.io import atomic_dir, atomic_write
+from growlm.models.config import ModelConfig
 from growlm.models.model import GPT
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1))
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -58,18 +59,12 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step_{step:06d}` atomically, update latest/best, prune old ones; returns its path."""
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
-    final = ckpt_dir / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp", dir=ckpt_dir))
-    try:
+    with atomic_dir(ckpt_dir / name) as tmp:  # the same step written again (after a resume) is swapped in
         _save_tensors(model.state_dict(), tmp / "model.safetensors")
         model.config.save(tmp / "model_config.json")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
+        torch.save(capture_torch_rng(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         (tmp / "train_config.json").write_text(json.dumps(train_config, indent=1))
         for group, ts in (tensors or {}).items():
@@ -78,16 +73,7 @@ def save_checkpoint(
         if teacher is not None:
             _save_tensors(teacher.state_dict(), tmp / "teacher.safetensors")
             teacher.config.save(tmp / "teacher_config.json")
-        if final.exists():  # the same step written again (e.g. after a resume): swap it out atomically
-            old = ckpt_dir / f".{name}.old{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    final = ckpt_dir / name
     _write_json(ckpt_dir / "latest.json", {"name": name, "step": step})
     best = read_json(ckpt_dir / "best.json")
     if val_loss is not None and (best is None or val_loss < best["val_loss"]):
@@ -136,12 +122,7 @@ def read_train_config(path: str | Path) -> dict[str, Any]:
 
 
 def _load_model(weights: Path, config: Path, device: str) -> GPT:
-    cfg = ModelConfig.load(config)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    sd = load_file(str(weights), device=device)
-    model.load_state_dict(sd, strict=True, assign=True)  # a tied head reads wte.weight via head_weight
-    return model
+    return GPT.from_state_dict(ModelConfig.load(config), load_file(str(weights), device=device), device=device)
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> dict[str, Any]:
@@ -166,3 +147,36 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> dict[str, Any]:
     if (path / "teacher.safetensors").exists():
         out["teacher"] = _load_model(path / "teacher.safetensors", path / "teacher_config.json", device)
     return out
+
+
+# -- RNG and metrics helpers for an exact resume -------------------------------------------------------------
+def capture_host_rng() -> dict[str, list]:
+    """Python's and NumPy's global RNG states as JSON-ready lists (they go into state.json)."""
+    v, st, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python_rng": [v, list(st), gauss], "numpy_rng": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def capture_torch_rng() -> dict[str, Any]:
+    """torch's CPU (and every CUDA device's) RNG state (it goes into rng.pt)."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(host: dict[str, Any], torch_rng: dict[str, Any]) -> None:
+    """Set the global RNGs back to what `capture_host_rng` and `capture_torch_rng` returned."""
+    s = host["python_rng"]
+    random.setstate((s[0], tuple(s[1]), s[2]))
+    s = host["numpy_rng"]
+    np.random.set_state((s[0], np.asarray(s[1], dtype=np.uint32), s[2], s[3], s[4]))
+    torch.set_rng_state(torch_rng["torch"])
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the metrics lines of steps <= `step` (those written after a checkpoint are redone)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    atomic_write(path, "".join(ln + "\n" for ln in keep))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import zlib
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from growlm.errors import GrowlmError
+from growlm.io import atomic_dir
 from growlm.models.assets import shakespeare_files
 from growlm.models.assets import cache_dir
 
@@ -312,19 +312,12 @@ def _default_cache() -> Path:
 
 
 def _write_cache(d: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
-    """Write into a temporary sibling folder, then rename: concurrent ranks never see a partial cache."""
-    d.parent.mkdir(parents=True, exist_ok=True)
-    tmp = d.parent / f".{d.name}.tmp{os.getpid()}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    for name, arr in arrays.items():
-        arr.tofile(tmp / f"{name}.bin")
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    try:
-        os.replace(tmp, d)
-    except OSError:  # another process won the race: its cache is identical
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Write into a temporary sibling folder, then rename (`growlm.io.atomic_dir`): concurrent ranks never
+    see a partial cache (when two write it, the contents are identical and either one wins)."""
+    with atomic_dir(d) as tmp:
+        for name, arr in arrays.items():
+            arr.tofile(tmp / f"{name}.bin")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
 # -- sampling -----------------------------------------------------------------------------------------

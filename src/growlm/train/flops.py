@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from growlm.io import atomic_write
 from growlm.models.config import ModelConfig
 from growlm.models.assets import cache_dir
 
@@ -112,9 +113,8 @@ def matmul_peak(dtype: torch.dtype = torch.bfloat16, device: str = "cpu", cache:
     table = json.loads(cache.read_text()) if cache.exists() else {}
     if key not in table:
         table[key] = measure_matmul_peak(dtype, device)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(table, indent=1))
-        tmp.replace(cache)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache, json.dumps(table, indent=1))
     return float(table[key])
 
 

@@ -1,0 +1,242 @@
+"""Typed configuration of a training run: where the model comes from, AdamW and its schedule, growth
+during training, regularisers and the loop; plus the comparison that decides whether a run may resume.
+
+`TrainConfig.to_dict()` is what every checkpoint saves as `train_config.json`; `TrainConfig.from_dict`
+reads it back (and YAML recipes), building typed `GrowthSpec` objects for the growth operators.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from growlm.errors import GrowlmError
+from growlm.growth import GrowthSpec
+from growlm.models.config import check_keys
+from growlm.train.data import DataConfig
+
+
+# -- configuration ------------------------------------------------------------------------------------
+@dataclass
+class ModelSource:
+    """Which model to start from."""
+
+    name: str = "smollm2-135m"
+    """With init=pretrained: a spec for growlm.models.hf.load_model (smollm2-135m, a HF/growlm dir, a .gguf, a hub id).
+    With init=scratch: a ModelConfig preset name (tiny-llama, tiny-gpt2, gpt2, smollm2-135m)."""
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    """Load pretrained weights, or build a randomly initialised model from a preset."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """ModelConfig fields changed on the preset (scratch only), e.g. {n_layer: 2, vocab_size: 257}."""
+    tokenizer: str | None = None
+    """None = the model's own tokenizer; 'bytes' = UTF-8 bytes + EOS (257 ids, no files); or a tokenizer dir."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 6e-4
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay (0 = decay to zero)."""
+    warmup_steps: int = 0
+    """Linear warmup from lr/warmup_steps to lr."""
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    """Shape after warmup, down to min_lr at max_steps ('constant' keeps lr)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices (>= 2-D); norms, biases and nothing else decay-free."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise GrowlmError(f"optim: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.warmup_steps < 0:
+            raise GrowlmError("optim.warmup_steps must be >= 0")
+
+
+@dataclass
+class GrowthConfig:
+    """When and how the model grows during training."""
+
+    trigger: Literal["none", "schedule", "steps", "plateau"] = "none"
+    """'schedule' = start + k*every; 'steps' = the explicit list; 'plateau' = validation loss stalls."""
+    start: int | None = None
+    """First scheduled event (None = every). 0 grows before the first step."""
+    every: int = 500
+    """Steps between scheduled events."""
+    max_events: int = 3
+    """At most this many growth events (all triggers)."""
+    steps: list[int] = field(default_factory=list)
+    """Explicit event steps for trigger=steps (0 = before the first step)."""
+    patience: int = 3
+    """Plateau: fire after this many evaluations without an improvement of min_delta."""
+    min_delta: float = 0.0
+    """Plateau: an improvement must lower the best validation loss by more than this."""
+    cooldown: int = 0
+    """Plateau: evaluations ignored after an event."""
+    operators: list[GrowthSpec] = field(default_factory=lambda: [GrowthSpec("depth")])
+    """The growth step of each event (cycled): e.g. [{operator: depth, ...}, {operator: width, ...}]."""
+    old_params: Literal["train", "freeze", "freeze_base", "decay"] = "train"
+    """What was learned before an event: keep training ('train'), freeze every older generation ('freeze':
+    only the newest elements train), freeze only the original model ('freeze_base': everything grown
+    trains), or decay the update per generation ('decay')."""
+    gen_lr_mult: float = 0.1
+    """old_params=decay: generation g moves gen_lr_mult ** (G - g) times its AdamW update (G = newest)."""
+    new_warmup_steps: int = 0
+    """Warm the update of the newest elements up linearly over this many steps after an event."""
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.max_events < 0 or self.patience < 1 or self.cooldown < 0:
+            raise GrowlmError("growth: need every >= 1, max_events >= 0, patience >= 1, cooldown >= 0")
+        if not self.operators and self.trigger != "none":
+            raise GrowlmError("growth.operators is empty: give at least one operator, e.g. [{operator: depth}]")
+        if not 0 <= self.gen_lr_mult <= 1:
+            raise GrowlmError(f"growth.gen_lr_mult must be in [0, 1], got {self.gen_lr_mult}")
+        # mappings (YAML, JSON, Python callers) become typed specs here: bad ones fail before training
+        self.operators = [_spec(op) for op in self.operators]
+
+
+def _spec(op: Any) -> GrowthSpec:
+    if isinstance(op, GrowthSpec):
+        return op
+    if not isinstance(op, dict):
+        raise GrowlmError(f"growth.operators entries must be mappings, got {op!r}")
+    return GrowthSpec.from_dict(dict(op))
+
+
+@dataclass
+class RegConfig:
+    """Regularisers against forgetting, active after the first growth event."""
+
+    kd_weight: float = 0.0
+    """Weight of T^2 * KL(pre-growth snapshot || model) added to the loss (0 = off)."""
+    kd_temperature: float = 2.0
+    """Distillation temperature T."""
+    ewc_lambda: float = 0.0
+    """EWC strength lambda in (lambda/2) sum F (theta - theta*)^2 (0 = off)."""
+    ewc_samples: int = 16
+    """Training sequences used for the Fisher at each growth event."""
+    ewc_fisher: Literal["empirical", "true"] = "empirical"
+    """'empirical' = gold next tokens; 'true' = labels sampled from the model."""
+
+
+@dataclass
+class RunConfig:
+    """The loop: batch, length, precision, evaluation, logging, checkpoints."""
+
+    max_steps: int = 100
+    """Optimizer steps."""
+    micro_batch: int = 8
+    """Sequences per forward/backward (per process)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (per process)."""
+    dtype: Literal["float32", "float64"] = "float32"
+    """Dtype of the weights and optimizer state."""
+    autocast: Literal["none", "bf16"] = "none"
+    """Mixed precision: bf16 autocast for matmuls, float32 weights and loss."""
+    device: str = "auto"
+    """'auto' (cuda when available), 'cpu' or 'cuda'."""
+    eval_every: int = 50
+    """Evaluate validation loss every N steps (and at the last step)."""
+    log_every: int = 10
+    """Write a metrics line every N steps."""
+    out_dir: str = "runs/default"
+    """Run folder: metrics.jsonl, checkpoints/, hf/."""
+    save_every: int = 0
+    """Checkpoint every N steps (0 = only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept (the best one is kept in addition)."""
+    resume: bool = False
+    """Continue from the latest checkpoint in out_dir (its config must match)."""
+    seed: int = 0
+    """Seed of initialisation and growth noise."""
+    max_nan_skips: int = 3
+    """Consecutive non-finite steps skipped before stopping with an error."""
+    export_hf: bool = True
+    """Write the final model as a Hugging Face directory out_dir/hf."""
+    retention_blocks: int = 0
+    """Blocks of held-out non-Shakespeare text (Python's language reference) scored at start and end (0 = off)."""
+    peak_flops: float | None = None
+    """Matmul peak for MFU in FLOP/s; None = measure once and cache, 0 = no MFU."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved with every checkpoint."""
+
+    model: ModelSource = field(default_factory=ModelSource)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
+    reg: RegConfig = field(default_factory=RegConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        r = self.run
+        if r.max_steps < 1 or r.micro_batch < 1 or r.grad_accum < 1 or r.eval_every < 1 or r.log_every < 1:
+            raise GrowlmError("run: max_steps, micro_batch, grad_accum, eval_every and log_every must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """The inverse of `to_dict` (also reads YAML recipes): unknown keys raise, operators become GrowthSpecs."""
+        types = {"model": ModelSource, "data": DataConfig, "optim": OptimConfig, "growth": GrowthConfig,
+                 "reg": RegConfig, "run": RunConfig}
+        unknown = set(d) - set(types)
+        if unknown:
+            raise GrowlmError(f"unknown config section(s): {', '.join(sorted(unknown))}")
+        kw = {}
+        for k, v in d.items():
+            t = types[k]
+            check_keys(t, v, "config key(s)", prefix=f"{k}.")
+            if k == "optim" and "betas" in v:
+                v = dict(v, betas=tuple(v["betas"]))
+            if k == "growth" and "operators" in v:
+                v = dict(v, operators=[_spec(op) for op in v["operators"]])
+            kw[k] = t(**v)
+        return cls(**kw)
+
+
+# Fields that may differ when resuming (they do not change the computation).
+RESUME_MAY_DIFFER = {("run", "resume"), ("run", "log_every"), ("run", "peak_flops"), ("run", "export_hf"),
+                     ("run", "keep_last"), ("run", "save_every"), ("data", "cache_dir"), ("run", "device")}
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'section.key: checkpoint X vs now Y' for every setting that changes the computation."""
+    out = []
+    for sec in sorted(set(saved) | set(current)):
+        a, b = saved.get(sec, {}), current.get(sec, {})
+        for k in sorted(set(a) | set(b)):
+            if (sec, k) in RESUME_MAY_DIFFER:
+                continue
+            va, vb = a.get(k), b.get(k)
+            if (sec, k) == ("growth", "operators"):  # given keys or all fields: the same specs compare equal
+                va, vb = _specs_as_dicts(va), _specs_as_dicts(vb)
+            if isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)):
+                va, vb = list(va), list(vb)
+            if va != vb:
+                out.append(f"{sec}.{k}: checkpoint {va!r} vs now {vb!r}")
+    return out
+
+
+def _specs_as_dicts(ops: Any) -> Any:
+    try:
+        return [comparable(_spec(op).to_dict()) for op in ops]
+    except (GrowlmError, TypeError):
+        return ops
+
+
+def comparable(d: dict[str, Any]) -> dict[str, Any]:
+    """The config as JSON would give it back (tuples become lists)."""
+    return json.loads(json.dumps(d))

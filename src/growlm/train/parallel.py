@@ -1,0 +1,75 @@
+"""Processes and devices: torchrun/DDP setup, the DDP wrapper, cross-rank means, memory and the MFU peak.
+
+Under torchrun (WORLD_SIZE > 1) every process runs the same loop on its own slice of each batch and
+DistributedDataParallel averages the gradients (Li et al. 2020, "PyTorch Distributed"); alone, the same
+code runs with world = 1 and the model unwrapped.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+
+import torch
+
+from growlm.models.model import GPT
+from growlm.train.config import RunConfig
+from growlm.train.flops import matmul_peak
+
+
+def resolve_device(device: str) -> str:
+    """'auto' means cuda when available, else cpu."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without a process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    """Initialise the process group under torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend)
+        if device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist_info()
+
+
+def wrap(model: GPT, world: int, device: str) -> torch.nn.Module:
+    """The module the loop calls: DDP around `model` when world > 1, else `model` itself."""
+    if world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None)
+
+
+def all_mean(t: torch.Tensor, world: int, device: str) -> torch.Tensor:
+    """The mean of a (CPU) tensor over all ranks."""
+    if world > 1:
+        t = t.to(device, copy=True)
+        torch.distributed.all_reduce(t)
+        t = (t / world).cpu()
+    return t
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def peak_flops(run: RunConfig, dtype: torch.dtype, device: str) -> float:
+    """The matmul peak MFU is measured against: run.peak_flops, else measured once per machine and cached."""
+    if run.peak_flops is not None:
+        return float(run.peak_flops)
+    return matmul_peak(torch.bfloat16 if run.autocast == "bf16" else dtype, device)

@@ -4,6 +4,10 @@ GPT-2 (Radford et al. 2019): learned positions, LayerNorm, GELU(tanh) MLP, biase
 Llama (Touvron et al. 2023): RoPE (Su et al. 2021), RMSNorm, SwiGLU MLP, grouped-query attention
 (Ainslie et al. 2023). Which one is built is decided by `ModelConfig` fields only.
 
+Every forward pass goes through `GPT.hidden(idx, pos, mask, cache)` (final-normed hidden states) and
+`GPT.forward` (the same plus the output head): explicit positions and a boolean attention mask let callers
+pack several sequences into one row (shared-context scoring) without re-implementing a block.
+
 Parameter names (used by the HF weight maps and by the growth operators):
   wte, wpe, blocks.{i}.norm_1, blocks.{i}.attn.{q,k,v,o}, blocks.{i}.norm_2,
   blocks.{i}.mlp.{gate,up,down}, norm_f, lm_head (absent when tied).

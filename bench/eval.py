@@ -3,7 +3,7 @@
 Mode `compare` (default): the same model (default: the embedded SmolLM2-135M-Instruct, exported once as a
 Hugging Face directory), the same N HellaSwag validation items, the same (context, continuation) requests
 built by growlm.eval.tasks (lm-eval's hellaswag prompt). growlm scores them with `growlm.eval.loglikelihood`
-(shared-context KV cache, head only at scored positions); the harness with `HFLM.loglikelihood`, same batch
+(shared-context packing, head only at scored positions); the harness with `HFLM.loglikelihood`, same batch
 size, float32 on both sides. The items are cut into chunks scored alternately (A B, B A, ...) so that load
 from other users of this shared CPU hits both sides alike; the speed-up is the median of per-chunk ratios.
 It checks the per-item log-likelihoods (max abs difference) and that acc / acc_norm are identical, listing

@@ -1,6 +1,7 @@
 """The CLI: bad input gives one clear line on stderr and exit code 2, no traceback."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from growlm.cli import main
-from growlm.models.hf import save_hf
+from growlm.models.hf import load_model, save_growlm, save_hf
 from growlm.models.model import GPT
 from tests.conftest import tiny_config
 
@@ -79,9 +80,34 @@ def test_bad_model_input_exits_2_with_one_line(bad_inputs, path, needle):
 def test_good_model_info_and_convert(bad_inputs, tmp_path):
     r = run_cli("info", "--model", str(bad_inputs / "good"), "--json_out", "true")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["n_layer"] == 2
-    assert main(["convert", "--model", str(bad_inputs / "good"), "--out", str(tmp_path / "g"), "--format", "growlm"]) == 0
-    assert (tmp_path / "g" / "growlm_config.json").exists()
+    info = json.loads(r.stdout)
+    good, _ = load_model(str(bad_inputs / "good"))
+    assert {k: info[k] for k in ("family", "n_layer", "n_kv_head", "params_total", "params_non_embedding")} == {
+        "family": "llama", "n_layer": 2, "n_kv_head": good.config.n_kv_head, "params_total": good.num_params(),
+        "params_non_embedding": good.num_params(embeddings=False)}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_convert_writes_the_same_model_in_both_formats(tmp_path, family):
+    """growlm -> hf -> growlm through the CLI: weights exact, logits equal to the source and to transformers'."""
+    from transformers import AutoModelForCausalLM
+
+    src = GPT(tiny_config(family, init_std=0.2, tie_embeddings=family == "gpt2")).eval()
+    save_growlm(src, tmp_path / "src")
+    x = torch.randint(0, 96, (2, 16))
+    assert main(["convert", "--model", str(tmp_path / "src"), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
+    assert main(["convert", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "back"), "--format", "growlm"]) == 0
+    with torch.no_grad():
+        want = src(x)
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+        torch.testing.assert_close(hf(x).logits, want, atol=1e-5, rtol=0)
+        for d in ("hf", "back"):
+            m, _ = load_model(str(tmp_path / d))
+            assert m.config == src.config, d
+            assert m.state_dict().keys() == src.state_dict().keys(), d
+            assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), src.state_dict().values())), d
+            assert torch.equal(m(x), want), d
+    assert want.abs().max() > 1  # large weights: a wrong transpose or head would show
 
 
 def test_unknown_option_exits_2_with_one_line():
@@ -111,10 +137,22 @@ def test_generate_and_perplexity_commands(tmp_path, capsys):
     text.write_text("the quick brown fox jumps over the lazy dog " * 20)
     assert main(["perplexity", "--model", str(tmp_path / "m"), "--text", str(text), "--window", "32"]) == 0
     res = json.loads(capsys.readouterr().out)
-    from growlm.eval import perplexity as text_perplexity
-
-    assert res["tokens"] > 0 and 1 < res["token_perplexity"] < 1e4
-    assert res["bits_per_byte"] == pytest.approx(text_perplexity(model, tok, text.read_text(), max_length=32)["bits_per_byte"])
+    # by hand: windows of 32 inputs, each token predicted once, the first from EOS; the last (partial) window
+    # predicts its 16 new tokens with a full window of context, as lm-evaluation-harness does
+    ids = tok.encode(text.read_text())
+    inp = torch.tensor([tok.eos_token_id] + ids[:-1])  # inp[j] predicts ids[j]
+    ll = 0.0
+    assert len(ids) % 32 == 16
+    with torch.no_grad():
+        for s in range(0, len(ids), 32):
+            e = min(s + 32, len(ids))
+            lp = model(inp[None, e - 32: e])[0].log_softmax(-1)[s - (e - 32):]
+            ll += lp.gather(-1, torch.tensor(ids[s: e])[:, None]).double().sum().item()
+    n_bytes = len(text.read_text().encode())
+    assert res["tokens"] == len(ids) == n_bytes  # one id per character here
+    assert res["token_perplexity"] == pytest.approx(math.exp(-ll / len(ids)), rel=1e-6)
+    assert res["bits_per_byte"] == pytest.approx(-ll / (n_bytes * math.log(2)), rel=1e-6)
+    assert res["word_perplexity"] == pytest.approx(math.exp(-ll / 181), rel=1e-6)  # 180 words and a trailing ''
 
 
 def test_tokenizer_command_trains_nested_bpe(tmp_path):
@@ -127,6 +165,7 @@ def test_tokenizer_command_trains_nested_bpe(tmp_path):
     big = AutoTokenizer.from_pretrained(out)
     small = AutoTokenizer.from_pretrained(out / "vocab_280")
     assert len(big) == 300 and len(small) == 280
+    assert {t: i for t, i in big.get_vocab().items() if i < 280} == small.get_vocab()  # a prefix: same ids
     text = "to be or not to be"
     assert big.decode(big.encode(text)) == text
     assert max(small.encode(text)) < 280 and len(big.encode(text)) <= len(small.encode(text))

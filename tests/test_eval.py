@@ -2,7 +2,8 @@
 
 The reference is the harness itself: its HFLM backend on a Hugging Face export of the same growlm model,
 and its own task YAMLs pointed at local jsonl files (`dataset_path: json`). Tiny random models (float32),
-a byte-level BPE trained here on the task texts, a few items per task.
+a byte-level BPE trained here on the embedded Shakespeare plays, a few items per task. Only the tests that
+read real task files need ../shared/data; log-likelihoods of given pairs and rolling windows need nothing.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from growlm.eval import (
     rolling_windows,
     tok_encode,
 )
-from growlm.models.model import GPT
 from growlm.eval.tasks import TASKS, WSC273
+from growlm.models.assets import shakespeare_files
+from growlm.models.model import GPT
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -75,14 +77,12 @@ def data() -> Path:
 
 
 @pytest.fixture(scope="module")
-def tok(data):
+def tok():
+    """A byte-level BPE of 384 ids trained on the embedded Shakespeare plays: no benchmark file needed."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    texts = []
-    for name in ("hellaswag", "piqa", "arc_easy", "winogrande", "lambada_openai"):
-        for d in hf_records(name, data):
-            texts += [c + x for c, x in TASKS[name].requests(d)]
+    texts = [f.read_text(encoding="utf-8")[:40_000] for f in shakespeare_files()[:3]]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -162,12 +162,12 @@ def test_strided_windows_score_each_token_once_with_more_context(pair, tok):
     assert all(len(c) + len(x) - 1 <= L for c, x in wins)
     # a strided total equals scoring each window's predictions from its full in-window context by hand
     lp = model(torch.tensor([[tok.eos_token_id] + ids[:L - 1]])).log_softmax(-1)[0]
-    first = lp[torch.arange(L), torch.tensor(ids[:L])].sum().item()
+    first = lp[torch.arange(L), torch.tensor(ids[:L])].double().sum().item()  # float32 sums are off by ulps of 100
     ours = loglikelihood_tokens(model, wins[:1])[0][0]
     assert ours == pytest.approx(first, abs=1e-5)
     a, b = wins[1]
     lp = model(torch.tensor([(a + b)[:-1]])).log_softmax(-1)[0]
-    second = lp[torch.arange(len(a) - 1, len(a) + len(b) - 1), torch.tensor(b)].sum().item()
+    second = lp[torch.arange(len(a) - 1, len(a) + len(b) - 1), torch.tensor(b)].double().sum().item()
     assert len(a) == L - stride + 1 - (len(b) - stride) and len(b) == stride
     assert loglikelihood_tokens(model, wins[1:2])[0][0] == pytest.approx(second, abs=1e-5)
 
@@ -253,6 +253,11 @@ def test_data_dir_layout_and_limit(pair, tok, task_files):
     assert out["results"]["piqa"]["n"] == 2 and out["results"]["lambada_openai"]["n"] == 2
     xs = [s["acc"] for s in out["samples"]["piqa"]]
     assert out["results"]["piqa"]["acc_stderr"] == pytest.approx(mean_stderr(xs))
+    full = evaluate(model, tok, "piqa", str(task_files))["samples"]["piqa"]
+    assert len(full) == N_ITEMS  # the limit takes the first documents (batching may move the last ulp)
+    for a, b in zip(out["samples"]["piqa"], full[:2], strict=True):
+        torch.testing.assert_close(a.pop("loglikelihoods"), b.pop("loglikelihoods"), atol=1e-6, rtol=0)
+        assert a == b
 
 
 @pytest.mark.slow

@@ -1,11 +1,13 @@
 """Parity with transformers reference models built from configs (never downloaded)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from growlm.errors import GrowlmError
-from growlm.models.hf import from_hf, load_model, save_hf, state_dict_from_hf, state_dict_to_hf, to_hf
+from growlm.models.hf import from_hf, load_model, save_growlm, save_hf, state_dict_from_hf, state_dict_to_hf, to_hf
 from growlm.models.model import GPT
 from tests.conftest import tiny_config
 
@@ -108,3 +110,33 @@ def test_unmapped_key_raises():
     sd["model.layers.0.mystery.weight"] = torch.zeros(1)
     with pytest.raises(GrowlmError, match="unmapped checkpoint keys.*mystery"):
         state_dict_from_hf(sd, from_hf(hf).config)
+
+
+def test_weights_that_do_not_fit_the_config_raise_one_line(tmp_path):
+    model = GPT(tiny_config("llama"))
+    save_growlm(model, tmp_path / "m")
+    cfg = tmp_path / "m" / "growlm_config.json"
+    for change, needle in [(dict(n_layer=3), "Missing key(s)"), (dict(n_layer=1), "Unexpected key(s)"),
+                           (dict(ffn_size=48), "size mismatch for blocks.0.mlp")]:
+        model.config.replace(**change).save(cfg)
+        with pytest.raises(GrowlmError, match="checkpoint does not fit the config") as e:
+            load_model(str(tmp_path / "m"))
+        assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("save", [save_hf, save_growlm])
+def test_failed_save_leaves_the_old_directory_intact(tmp_path, save):
+    class BrokenTokenizer:
+        def save_pretrained(self, d):
+            (Path(d) / "half_written").write_text("x")
+            raise OSError("disk full")
+
+    old, new = GPT(tiny_config("gpt2")), GPT(tiny_config("gpt2"))
+    save(old, tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(OSError, match="disk full"):
+        save(new, tmp_path / "out", BrokenTokenizer())
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
+    reloaded, _ = load_model(str(tmp_path / "out"))
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), old.state_dict().values()))

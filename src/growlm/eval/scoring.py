@@ -38,10 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from growlm.errors import GrowlmError
-from growlm.models.model import GPT, KVCache, apply_rope, rope_cache
 from growlm.eval.tasks import get_task
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+from growlm.io import parse_dtype
+from growlm.models.model import GPT, KVCache
 
 
 # -- tokenisation, exactly as HFLM ---------------------------------------------------------------
@@ -79,26 +78,9 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 # -- the model, without computing logits we do not need ------------------------------------------
-def _hidden(model: GPT, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-    """Final-norm hidden states (B, T, C): GPT.forward without the output head."""
-    cfg = model.config
-    past = cache.length if cache is not None else 0
-    x = model.wte(idx)
-    pos = torch.arange(past, past + idx.shape[1], device=idx.device)
-    rope = None
-    if model.wpe is not None:
-        x = x + model.wpe(pos)
-    else:
-        rope = rope_cache(cfg, pos)
-    for i, block in enumerate(model.blocks):
-        x, _ = block(x, rope, cache, i)
-    return model.norm_f(x)
-
-
 def _autocast(dtype: str, device: torch.device):
-    if dtype not in DTYPES:
-        raise GrowlmError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if dtype == "bfloat16":
+    """bfloat16: autocast (the head and log-softmax still run in float32); float32: the model as it is."""
+    if parse_dtype(dtype, ("float32", "bfloat16")) == torch.bfloat16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
 
@@ -138,7 +120,7 @@ def _run_batch(model: GPT, reqs: list[_Req], device, cache: KVCache | None = Non
     idx = torch.zeros(len(reqs), T, dtype=torch.long, device=device)
     for b, r in enumerate(reqs):
         idx[b, : len(r.inp)] = torch.tensor(r.inp, dtype=torch.long)
-    h = _hidden(model, idx, cache)
+    h = model.hidden(idx, cache=cache)
     rows, cols, tgt, owner = [], [], [], []
     for b, r in enumerate(reqs):
         n, L = len(r.cont), len(r.inp)
@@ -161,36 +143,6 @@ def _common_prefix(seqs: list[list[int]]) -> int:
         if any(s[i] != t for s in seqs[1:]):
             return i
     return n
-
-
-def _packed_hidden(model: GPT, idx: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Final-norm hidden states of packed rows: explicit positions (B, T) and attention mask (B, T, T).
-
-    The same computation as GPT.forward (same modules, same weights); only the attention pattern differs:
-    several continuations sit side by side after their shared context and do not see each other.
-    """
-    cfg = model.config
-    B, T = idx.shape
-    x = model.wte(idx)
-    rope = None
-    if model.wpe is not None:
-        x = x + model.wpe(pos)
-    else:
-        cos, sin = rope_cache(cfg, pos.reshape(-1))
-        rope = (cos.view(B, 1, T, -1), sin.view(B, 1, T, -1))  # broadcast over heads
-    gqa = cfg.n_kv_head != cfg.n_head
-    for block in model.blocks:
-        a = block.attn
-        h = block.norm_1(x)
-        q = a.q(h).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = a.k(h).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = a.v(h).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
-        x = x + a.o(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
-        x = x + block.mlp(block.norm_2(x))
-    return model.norm_f(x)
 
 
 def _run_packed(model: GPT, groups: list[tuple[list[_Req], int]], device) -> list[list[tuple[float, bool]]]:
@@ -221,7 +173,7 @@ def _run_packed(model: GPT, groups: list[tuple[list[_Req], int]], device) -> lis
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     same = (seg_t[:, None, :] == -1) | (seg_t[:, None, :] == seg_t[:, :, None])  # (B, Tq, Tk)
     mask = (causal & same) | torch.eye(T, dtype=torch.bool)  # padding attends to itself: no empty rows
-    h = _packed_hidden(model, idx.to(device), pos_t.to(device), mask.to(device))
+    h = model.hidden(idx.to(device), pos=pos_t.to(device), mask=mask[:, None].to(device))  # mask (B, 1, T, T)
     b_idx, c_idx, tgt, owner = [], [], [], []
     n = 0  # members scored so far
     for b, ((members, _), (_, _, _, cols)) in enumerate(zip(groups, rows)):
@@ -296,7 +248,7 @@ def loglikelihood_tokens(
                 if share_context == "cache":
                     for members, p in shared:
                         cache = KVCache()
-                        _hidden(model, torch.tensor([reqs[members[0]].inp[:p]], device=device), cache)
+                        model.hidden(torch.tensor([reqs[members[0]].inp[:p]], device=device), cache=cache)
                         for start in range(0, len(members), batch_size):
                             chunk = members[start: start + batch_size]
                             tails = [_Req(reqs[i].inp[p:], reqs[i].cont) for i in chunk]

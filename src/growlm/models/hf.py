@@ -9,18 +9,16 @@ Unmapped keys raise; nothing is dropped silently. Weights are read only from saf
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from growlm.errors import GrowlmError
+from growlm.io import atomic_dir
 from growlm.models.assets import cache_dir, smollm2_gguf
 from growlm.models.config import ModelConfig
-from growlm.errors import GrowlmError
 from growlm.models.model import GPT
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -244,18 +242,12 @@ def from_hf(hf_model) -> GPT:
 
 
 def _build(cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> GPT:
-    with torch.device("meta"):
-        model = GPT(cfg)
-    expected = set(model.state_dict())
-    missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
-    if missing or extra:
-        raise GrowlmError(f"checkpoint does not fit the config: missing {missing[:4]}, unexpected {extra[:4]}")
-    for k, v in sd.items():
-        want = model.state_dict()[k].shape
-        if v.shape != want:
-            raise GrowlmError(f"shape mismatch for {k}: checkpoint {tuple(v.shape)} vs config {tuple(want)}")
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True)
-    return model
+    """GPT.from_state_dict, with a mismatch between weights and config reported as one GrowlmError line."""
+    try:
+        return GPT.from_state_dict(cfg, sd, dtype=dtype)
+    except RuntimeError as e:  # load_state_dict lists missing / unexpected keys and size mismatches
+        details = " ".join(ln.strip() for ln in str(e).splitlines()[1:] if ln.strip())
+        raise GrowlmError(f"checkpoint does not fit the config: {details[:500]}") from None
 
 
 def to_hf(model: GPT):
@@ -284,54 +276,29 @@ def to_hf(model: GPT):
     return hf.eval()
 
 
-def _atomic_dir(out_dir: Path):
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save_hf(model: GPT, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write a Hugging Face directory (config, safetensors, generation config, tokenizer), atomically."""
+    """Write a Hugging Face directory (config, safetensors, generation config, tokenizer), atomically:
+    a failed write leaves an existing `out_dir` as it was."""
     out_dir = Path(out_dir)
     hf = to_hf(model)
-    tmp = _atomic_dir(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         hf.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         model.config.save(tmp / GROWLM_CONFIG)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
 def save_growlm(model: GPT, out_dir: str | Path, tokenizer=None) -> Path:
-    """A growlm directory: growlm_config.json + model.safetensors (+ tokenizer); any architecture."""
+    """A growlm directory: growlm_config.json + model.safetensors (+ tokenizer); any architecture; atomic."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    tmp = _atomic_dir(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.config.save(tmp / GROWLM_CONFIG)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

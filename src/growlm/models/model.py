@@ -4,6 +4,10 @@ GPT-2 (Radford et al. 2019): learned positions, LayerNorm, GELU(tanh) MLP, biase
 Llama (Touvron et al. 2023): RoPE (Su et al. 2021), RMSNorm, SwiGLU MLP, grouped-query attention
 (Ainslie et al. 2023). Which one is built is decided by `ModelConfig` fields only.
 
+Every forward pass goes through `GPT.hidden(idx, pos, mask, cache)` (final-normed hidden states) and
+`GPT.forward` (the same plus the output head): explicit positions and a boolean attention mask let callers
+pack several sequences into one row (shared-context scoring) without re-implementing a block.
+
 Parameter names (used by the HF weight maps and by the growth operators):
   wte, wpe, blocks.{i}.norm_1, blocks.{i}.attn.{q,k,v,o}, blocks.{i}.norm_2,
   blocks.{i}.mlp.{gate,up,down}, norm_f, lm_head (absent when tied).
@@ -55,16 +59,19 @@ def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
 
 
 def rope_cache(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (T, head_dim), half-split layout (transformers' rotate_half convention)."""
+    """cos/sin of shape (*positions.shape, head_dim), half-split layout (transformers' rotate_half convention).
+
+    RoPE (Su et al. 2021, eq. 34): the pair (x_i, x_{i + d/2}) is rotated by angle pos * theta^(-2i/d).
+    """
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=positions.device).float() / d))
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, d/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, d)
+    freqs = positions.float()[..., None] * inv_freq  # (..., d/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (..., d)
     return emb.cos(), emb.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, nh, T, hs); cos/sin: (T, hs)
+    # x: (B, nh, T, hs); cos/sin: (T, hs) or (B, 1, T, hs)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x * cos.to(x.dtype)) + (rotated * sin.to(x.dtype))
@@ -110,10 +117,11 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        causal: bool,
         cache: KVCache | None,
         layer: int,
-        need_weights: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         cfg = self.cfg
         q = self.q(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -121,31 +129,12 @@ class Attention(nn.Module):
         v = self.v(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        past = 0
         if cache is not None:
-            past = cache.k[layer].shape[2] if layer < len(cache.k) and cache.k[layer] is not None else 0
-            k, v = cache.update(layer, k, v)
-        S = k.shape[2]
-        mask = None
-        if past > 0 and T > 1:
-            # query i (absolute position past + i) sees keys 0..past + i
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        weights = None
-        if need_weights:
-            rep = cfg.n_head // cfg.n_kv_head
-            kk, vv = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            att = (q @ kk.transpose(-2, -1)) / math.sqrt(cfg.head_dim)
-            allowed = mask if mask is not None else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-            att = att.masked_fill(~allowed, float("-inf"))
-            weights = att.float().softmax(-1).to(q.dtype)
-            y = weights @ vv
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=(mask is None and T > 1 and past == 0),
-                enable_gqa=cfg.n_kv_head != cfg.n_head,
-            )
+            k, v = cache.update(layer, k, v)  # (B, nkv, S, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=cfg.n_kv_head != cfg.n_head)
         y = y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim)
-        return self.o(y), weights
+        return self.o(y)
 
 
 class MLP(nn.Module):
@@ -170,20 +159,17 @@ class Block(nn.Module):
         self.norm_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, cache, layer, need_weights=False):
-        a, w = self.attn(self.norm_1(x), rope, cache, layer, need_weights)
-        x = x + a
+    def forward(self, x, rope, mask, causal, cache, layer):
+        x = x + self.attn(self.norm_1(x), rope, mask, causal, cache, layer)
         x = x + self.mlp(self.norm_2(x))
-        return x, w
+        return x
 
 
 @dataclass
 class ModelOutput:
     logits: torch.Tensor
     hidden_states: list[torch.Tensor] | None = None
-    """Residual stream: the embedding output, then after each block (n_layer + 1 tensors)."""
-    attentions: list[torch.Tensor] | None = None
-    """Attention probabilities per block, (B, nh, T, S)."""
+    """Residual stream: the embedding output, then after each block (n_layer + 1 tensors, before norm_f)."""
 
 
 class GPT(nn.Module):
@@ -230,39 +216,70 @@ class GPT(nn.Module):
     def forward(
         self,
         idx: torch.Tensor,
+        pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
-        output_attentions: bool = False,
     ) -> torch.Tensor | ModelOutput:
-        """Logits (B, T, vocab) for token ids (B, T); a ModelOutput when hidden states or attentions are asked for.
+        """Logits (B, T, vocab) for token ids (B, T); a ModelOutput when hidden states are asked for.
 
-        With a `cache`, `idx` continues the cached sequence and the cache is extended in place.
+        `pos`, `mask` and `cache` mean what they mean in `hidden`.
         """
+        states: list[torch.Tensor] | None = [] if output_hidden_states else None
+        logits = F.linear(self._trunk(idx, pos, mask, cache, states), self.head_weight)
+        return ModelOutput(logits, states) if output_hidden_states else logits
+
+    def hidden(
+        self,
+        idx: torch.Tensor,
+        pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final-normed hidden states (B, T, C), the input of the output head.
+
+        pos: positions (B, T) or (T,) of the tokens, for the learned embeddings and RoPE alike; default
+            past..past + T - 1, where past is the number of cached tokens. Every position must be below
+            block_size.
+        mask: boolean attention mask, True where a query may attend to a key, broadcastable to (B, 1, T, S)
+            with S = past + T keys (cached ones first). It replaces the causal mask: pass the whole pattern.
+            Default: causal. With `pos`, several sequences packed in one row (a shared context followed by
+            each continuation) run as if alone: a block mask and positions that restart per sequence.
+        cache: a KVCache holding the keys and values of earlier tokens; `idx` continues them and the cache
+            is extended in place.
+        """
+        return self._trunk(idx, pos, mask, cache, None)
+
+    def _trunk(self, idx, pos, mask, cache, states: list[torch.Tensor] | None) -> torch.Tensor:
         cfg = self.config
         B, T = idx.shape
         past = cache.length if cache is not None else 0
-        if past + T > cfg.block_size:
-            raise ValueError(f"sequence of {past + T} tokens exceeds the context length {cfg.block_size}")
+        if pos is None:
+            if past + T > cfg.block_size:
+                raise ValueError(f"sequence of {past + T} tokens exceeds the context length {cfg.block_size}")
+            pos = torch.arange(past, past + T, device=idx.device)
+        elif pos.numel() and int(pos.max()) >= cfg.block_size:
+            raise ValueError(f"position {int(pos.max())} is beyond the context length {cfg.block_size}")
+        causal = False
+        if mask is None:
+            if past > 0 and T > 1:  # query i (absolute position past + i) sees keys 0..past + i
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=idx.device).tril(diagonal=past)
+            else:
+                causal = past == 0 and T > 1
         x = self.wte(idx)
-        pos = torch.arange(past, past + T, device=idx.device)
         rope = None
         if self.wpe is not None:
             x = x + self.wpe(pos)
         else:
-            rope = rope_cache(cfg, pos)
-        hidden = [x] if output_hidden_states else None
-        atts = [] if output_attentions else None
+            cos, sin = rope_cache(cfg, pos)  # (T, hs) or (B, T, hs)
+            rope = (cos, sin) if pos.dim() == 1 else (cos[:, None], sin[:, None])  # broadcast over heads
+        if states is not None:
+            states.append(x)
         for i, block in enumerate(self.blocks):
-            x, w = block(x, rope, cache, i, output_attentions)
-            if hidden is not None:
-                hidden.append(x)
-            if atts is not None:
-                atts.append(w)
-        x = self.norm_f(x)
-        logits = F.linear(x, self.head_weight)
-        if output_hidden_states or output_attentions:
-            return ModelOutput(logits, hidden, atts)
-        return logits
+            x = block(x, rope, mask, causal, cache, i)
+            if states is not None:
+                states.append(x)
+        return self.norm_f(x)
 
     # -- utilities -------------------------------------------------------
     def num_params(self, trainable_only: bool = False, embeddings: bool = True) -> int:

@@ -416,6 +416,113 @@ def test_width_twice_equals_once(family, tied):
     assert set(r22.generations["wte.weight"].counts()) == {0, 1, 2}
 
 
+# ---------------------------------------------------------------------------- side state in factored form
+def _consumer_dim(name: str, tied: bool) -> int | None:
+    """The dim whose width growth divides values (consumer columns; a tied model's final norm)."""
+    base = name.split(".", 2)[-1] if name.startswith("blocks.") else name
+    if base.endswith(("q.weight", "k.weight", "v.weight", "o.weight", "up.weight", "gate.weight", "down.weight")):
+        return 1
+    if base == "lm_head.weight" or (tied and base.startswith("norm_f")):
+        return 1 if base == "lm_head.weight" else 0
+    return None
+
+
+def _dense_side_state(res, gens, scales, G, tied, kappa=1.0):
+    """By hand, one number per element: generation = G where any index is fresh or repeats an earlier one,
+    else the source's tag; update scale = source's scale x per-axis factors (consumer dim: 1/multiplicity,
+    norm gains of a padded model: sqrt(kappa); 1 along a fresh axis); a new depth block copies its source."""
+    new_g, new_s = {}, {}
+    for name, p in res.model.named_parameters():
+        pm = res.param_map[name]
+        if pm.source is None:
+            j, rest = name.split(".", 2)[1:]
+            kind, i = res.record["block_sources"][int(j)].split(":")
+            new_g[name] = torch.full(p.shape, G, dtype=torch.int32)
+            new_s[name] = scales[f"blocks.{i}.{rest}"].clone() if kind == "new" and res.spec_init != "random" else torch.ones(p.shape, dtype=torch.float64)
+            continue
+        g = _gather(gens[pm.source], pm.index, fill=G)
+        s = _gather(scales[pm.source], pm.index, fill=1.0)
+        for dim, ix in enumerate(pm.index):
+            if ix is None:
+                continue
+            fresh = ix < 0
+            repeat = torch.tensor([bool(ix[j] >= 0 and (ix[:j] == ix[j]).any()) for j in range(len(ix))])
+            view = [-1 if k == dim else 1 for k in range(p.ndim)]
+            g = torch.where((fresh | repeat).view(view), G, g)
+            mult = torch.tensor([float((ix == ix[j]).sum()) for j in range(len(ix))], dtype=torch.float64)
+            a = 1 / mult if dim == _consumer_dim(name, tied) else torch.ones_like(mult)
+            if name.split(".")[-2].startswith("norm") and name.endswith("weight") and kappa != 1:
+                a = a * math.sqrt(kappa)
+            s = s * torch.where(fresh, 1.0, a).view(view)
+        new_g[name], new_s[name] = g, s
+    return new_g, new_s
+
+
+def _assert_side_state(res, want_g, want_s):
+    for k, p in res.model.named_parameters():
+        assert torch.equal(res.generations[k].dense(), want_g[k]), k
+        got = res.update_scale[k].dense(torch.float64) if k in res.update_scale else torch.ones(p.shape, dtype=torch.float64)
+        torch.testing.assert_close(got, want_s[k], atol=0, rtol=1e-15, msg=k)
+        assert k in res.update_scale or bool((want_s[k] == 1).all()), k
+
+
+@pytest.mark.parametrize("family,tied", [("gpt2", True), ("llama", False)])
+def test_factored_side_state_equals_dense_by_hand(family, tied):
+    """width x2, then depth, then width (non-uniform head and FFN multiplicities): every element's tag and
+    update scale equal the dense computation; the side state stays a few vectors per weight."""
+    m = make_model(family, tied, torch.float64)
+    F2 = 2 * m.config.ffn_size
+    specs = [GrowthSpec("width", factor=2), GrowthSpec("depth", n=2, where="interleave"),
+             GrowthSpec("width", n_head=12, ffn_size=F2 + F2 // 2 + 8)]
+    final, results = grow_many(m, specs)
+    gens = {k: torch.zeros(p.shape, dtype=torch.int32) for k, p in m.named_parameters()}
+    scales = {k: torch.ones(p.shape, dtype=torch.float64) for k, p in m.named_parameters()}
+    for G, res in enumerate(results, start=1):
+        res.spec_init = specs[G - 1].init
+        gens, scales = _dense_side_state(res, gens, scales, G, tied)
+        _assert_side_state(res, gens, scales)
+    assert set(results[-1].record["generation_counts"]) == {"0", "1", "2", "3"}
+    assert sum(results[-1].record["generation_counts"].values()) == final.num_params()
+    for k, (lo, hi) in results[-1].record["update_scale"].items():
+        assert (lo, hi) == (float(scales[k].min()), float(scales[k].max())), k
+    numel = final.num_params()
+    side = sum(f.nbytes() for r in results[-1:] for f in (*r.generations.values(), *r.update_scale.values()))
+    assert side * 4 < numel, (side, numel)  # dense: 12 bytes per element (int32 tag, float64 scale)
+    # grow_many = the same steps one by one (generation i+1, seed i)
+    x, g, s = m, None, None
+    for i, spec in enumerate(specs):
+        r = grow(x, spec, g, generation=i + 1, seed=i, update_scale=s)
+        x, g, s = r.model, r.generations, r.update_scale
+    _assert_same(x, final, 0)
+    assert all(torch.equal(g[k].dense(), results[-1].generations[k].dense()) for k in g)
+
+
+@pytest.mark.parametrize("family,tied", [("gpt2", True), ("llama", False)])
+def test_factored_side_state_of_pad_units(family, tied):
+    """32 -> 72 (2 clones + 8 fresh pad units): fresh elements get the new tag, and update scale 1 along their
+    fresh axis times the other axis' factor (norm gains: sqrt(kappa) on old units, 1 on pads)."""
+    m = make_model(family, tied, torch.float64)
+    res = grow(m, GrowthSpec("width", n_embd=72, n_head=8))
+    res.spec_init = "copy"
+    gens = {k: torch.zeros(p.shape, dtype=torch.int32) for k, p in m.named_parameters()}
+    scales = {k: torch.ones(p.shape, dtype=torch.float64) for k, p in m.named_parameters()}
+    want_g, want_s = _dense_side_state(res, gens, scales, 1, tied, kappa=64 / 72)
+    _assert_side_state(res, want_g, want_s)
+    q = res.update_scale["blocks.0.attn.q.weight"].dense()
+    assert float(q[0, 0]) == 0.5 and float(q[0, 70]) == 1.0  # a pad column: 1 (its row's factor is 1)
+
+
+def test_grow_takes_typed_specs_and_factored_state():
+    m = make_model("llama", False)
+    with pytest.raises(TypeError, match="GrowthSpec"):
+        grow(m, {"operator": "depth", "n": 1})
+    gens = {k: torch.zeros(p.shape, dtype=torch.int32) for k, p in m.named_parameters()}
+    with pytest.raises(TypeError, match="Factored.from_dense"):
+        grow(m, GrowthSpec("depth", n=1), generations=gens)
+    res = grow(m, GrowthSpec("depth", n=1), generations={k: Factored.from_dense(v, "max") for k, v in gens.items()})
+    assert res.record["generation_counts"] == {"0": m.num_params(), "1": res.record["params_added"]}
+
+
 def _assert_same(a: GPT, b: GPT, atol: float):
     sa, sb = a.state_dict(), b.state_dict()
     assert set(sa) == set(sb)

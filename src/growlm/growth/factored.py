@@ -200,16 +200,18 @@ def _neutral(op: Op, dtype: torch.dtype) -> float | int:
 
 
 def _merge_constants(factors: list[torch.Tensor], op: Op) -> list[torch.Tensor]:
-    """Fold all one-element factors into one (keeps the factor list short across many growth events)."""
-    consts = [f for f in factors if f.numel() == 1]
-    rest = [f for f in factors if f.numel() != 1]
-    if len(consts) <= 1:
-        return factors
-    c = consts[0]
-    for f in consts[1:]:
-        c = c * f if op == "mul" else torch.maximum(c, f)
-    return [c, *rest] if rest else [c]
-
+    """Fold factors of the same broadcast shape into one (constants included), so that the factor list stays
+    short across many growth events: at most one factor per set of dims it varies along."""
+    nd = max(f.dim() for f in factors)
+    merged: dict[tuple[int, ...], torch.Tensor] = {}
+    for f in factors:
+        f = f.reshape([1] * (nd - f.dim()) + list(f.shape))
+        key = tuple(f.shape)
+        if key in merged:
+            g = merged[key]
+            f = g * f if op == "mul" else torch.maximum(g, f)
+        merged[key] = f
+    return sorted(merged.values(), key=lambda f: f.numel())
 
 def pack(state: dict[str, Factored]) -> dict[str, torch.Tensor]:
     """Flat tensors for a safetensors file: every entry's `to_tensors(name)` (shared factors copied)."""

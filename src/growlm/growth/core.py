@@ -90,7 +90,7 @@ def grow(
         else:
             step = grow_vocab(model, spec)
         new_model = _build(step.config, step.values, model)
-        del step.values  # the new model owns these tensors now
+        step.values = {}  # the new model owns these tensors now
         old_params = dict(model.named_parameters())
         for name, p in new_model.named_parameters():  # frozen stays frozen; new parameters train
             src = step.param_map[name].source

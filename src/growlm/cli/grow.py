@@ -2,25 +2,27 @@
 
 Like LLaMA-Pro's block-expansion script, but for every growlm operator. Besides the model (Hugging Face
 format by default) the output holds `growth.json` (one record per step, see growlm.growth),
-`growth_generations.safetensors` (per-element generation tags, int8) and, after width growth,
-`growth_update_scale.safetensors` (per-element update multipliers the training loop must apply).
+`growth_generations.safetensors` (the generation tag of every weight element) and, after width growth,
+`growth_update_scale.safetensors` (per-element update multipliers the training loop must apply). Both are
+stored in factored form, a few vectors per weight (growlm.growth.factored; read them back with
+`unpack(safetensors.torch.load_file(path), op)`, op "max" for generations and "mul" for update scales).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
+from safetensors.torch import save_file
 
 from growlm.errors import GrowlmError
-from growlm.growth import GrowthSpec, grow as grow_model
+from growlm.growth import GrowthSpec, grow_many, with_vocab_sources
+from growlm.growth.factored import pack
+from growlm.io import atomic_dir, parse_dtype
 from growlm.models.hf import DEFAULT_MODEL, load_model, save_growlm, save_hf
 
 console = Console()
-
 
 def grow(
     out: str,
@@ -66,9 +68,7 @@ def grow(
         seed: seed of the noise and random initialisation.
         dtype: float32 or float64 (the dtype the growth is done and saved in).
     """
-    dtypes = {"float32": torch.float32, "float64": torch.float64}
-    if dtype not in dtypes:
-        raise GrowlmError(f"dtype must be float32 or float64, got {dtype!r}")
+    dt = parse_dtype(dtype, allowed=("float32", "float64"))
     if format not in ("hf", "growlm"):
         raise GrowlmError(f"format must be 'hf' or 'growlm', got {format!r}")
     specs: list[GrowthSpec] = []
@@ -84,28 +84,25 @@ def grow(
         raise GrowlmError("nothing to grow: give --depth, --layers, --factor, --width, --heads, --kv_heads, --ffn, "
                           "--head_dim or --tokenizer")
 
-    m, tok = load_model(model, dtype=dtypes[dtype])
-    records, gens, scales = [], None, None
-    for i, spec in enumerate(specs):
-        res = grow_model(m, spec, gens, generation=i + 1, seed=seed + i, update_scale=scales)
-        m, gens, scales = res.model, res.generations, res.update_scale
-        records.append(res.record)
+    m, tok = load_model(model, dtype=dt)
+    specs = [with_vocab_sources(s, m.config.vocab_size) for s in specs]  # depth and width keep the vocabulary
+    m, results = grow_many(m, specs, seed=seed)  # rebinding `m` frees the input model
+    records = [r.record for r in results]
+    gens, scales = results[-1].generations, results[-1].update_scale
+    del results  # and the intermediate models
     if tokenizer:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tokenizer)
-    try:
-        (save_hf if format == "hf" else save_growlm)(m, out, tok)
-    except GrowlmError as e:
-        raise GrowlmError(f"{e}; write the grown model with --format growlm instead") from None
-
-    from safetensors.torch import save_file
-
-    outp = Path(out)
-    (outp / "growth.json").write_text(json.dumps({"source": model, "steps": records}, indent=2) + "\n")
-    save_file({k: v.to(torch.int8).contiguous() for k, v in gens.items()}, str(outp / "growth_generations.safetensors"))
-    if scales:
-        save_file({k: v.float().contiguous() for k, v in scales.items()}, str(outp / "growth_update_scale.safetensors"))
+    with atomic_dir(out) as tmp:
+        try:
+            (save_hf if format == "hf" else save_growlm)(m, tmp, tok)
+        except GrowlmError as e:
+            raise GrowlmError(f"{e}; write the grown model with --format growlm instead") from None
+        (tmp / "growth.json").write_text(json.dumps({"source": model, "steps": records}, indent=2) + "\n")
+        save_file(pack(gens), str(tmp / "growth_generations.safetensors"), metadata={"op": "max"})
+        if scales:
+            save_file(pack(scales), str(tmp / "growth_update_scale.safetensors"), metadata={"op": "mul"})
 
     t = Table(title=f"growlm grow {model} -> {out}")
     for col in ("step", "operator", "change", "params", "exact", "max |dlogit|"):
@@ -116,4 +113,4 @@ def grow(
         t.add_row(str(i + 1), r["operator"], change, f"{r['params_before']:,} -> {r['params_after']:,}",
                   "yes" if r["function_preserving"] else "NO", f"{r['max_abs_logit_diff']:.1e}")
     console.print(t)
-    console.print(f"wrote {out} ({format}); growth record: {outp / 'growth.json'}")
+    console.print(f"wrote {out} ({format}); growth record: {out}/growth.json")

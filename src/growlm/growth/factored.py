@@ -15,6 +15,7 @@ factor is allowed (`from_dense`), so any tensor is representable; re-indexing al
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -81,20 +82,24 @@ class Factored:
                 continue
             shape[dim] = int(ix.numel())
             fresh = ix < 0
+            any_fresh = bool(fresh.any())
             placed = False
             for k, f in enumerate(factors):
                 fd = dim - (len(self.shape) - f.dim())  # factors may have fewer leading dims
                 if fd < 0 or f.shape[fd] == 1:
                     continue
                 g = f.index_select(fd, ix.clamp(min=0).to(f.device))
-                if bool(fresh.any()):
+                if any_fresh:
+                    # the first factor along `dim` takes the fill, any later one the neutral element, so
+                    # that op over the factors is fill (combined with factors along other dims) there
                     view = [1] * f.dim()
                     view[fd] = -1
-                    g = torch.where(fresh.view(view).to(g.device), torch.full((), fill, dtype=g.dtype, device=g.device), g)
+                    v = _neutral(self.op, g.dtype) if placed else fill
+                    g = torch.where(fresh.view(view).to(g.device), torch.full((), v, dtype=g.dtype, device=g.device), g)
                     placed = True
                 factors[k] = g
-            if bool(fresh.any()) and not placed:
-                neutral = 1 if self.op == "mul" else _lowest(factors[0].dtype)
+            if any_fresh and not placed:
+                neutral = _neutral(self.op, factors[0].dtype)
                 vec = torch.where(fresh, torch.full((), fill, dtype=factors[0].dtype),
                                   torch.full((), neutral, dtype=factors[0].dtype))
                 view = [1] * len(self.shape)
@@ -120,6 +125,54 @@ class Factored:
             raise ValueError("not a constant")
         return float(self.dense().reshape(-1)[0]) if self.shape else float(self.dense())
 
+    def extrema(self) -> tuple[float, float]:
+        """(min, max) of the values, from the factors alone when they vary along disjoint dims (and, for
+        'mul', are all positive), else from the dense tensor."""
+        groups = self._groups()
+        if groups is None or (self.op == "mul" and not all(bool((g > 0).all()) for g in groups.values())):
+            d = self.dense()
+            return float(d.min()), float(d.max())
+        lo = [float(g.min()) for g in groups.values()]
+        hi = [float(g.max()) for g in groups.values()]
+        if self.op == "mul":
+            return math.prod(lo), math.prod(hi)
+        return max(lo), max(hi)
+
+    def counts(self) -> dict[int, int]:
+        """How many elements hold each value ('max' of integer tags), without materialising when the
+        factors vary along disjoint dims: #(value <= v) is the product over those dims of the per-factor
+        counts, so #(value == v) is a difference of two such products."""
+        if self.op != "max" or self.factors[0].dtype.is_floating_point:
+            raise ValueError("counts() is for integer tags combined with op='max'")
+        groups = self._groups()
+        if groups is None:
+            u, c = torch.unique(self.dense(), return_counts=True)
+            return {int(v): int(n) for v, n in zip(u.tolist(), c.tolist())}
+        total = math.prod(self.shape)
+        free = total // math.prod(g.numel() for g in groups.values())  # elements per cell of the varying dims
+        out: dict[int, int] = {}
+        below = 0
+        for v in sorted(set().union(*(set(g.unique().tolist()) for g in groups.values()))):
+            le = free * math.prod(int((g <= v).sum()) for g in groups.values())
+            if le > below:
+                out[int(v)] = le - below
+            below = le
+        return out
+
+    def _groups(self) -> dict[tuple[int, ...], torch.Tensor] | None:
+        """Factors combined by the set of dims they vary along; None when two such sets overlap."""
+        nd = len(self.shape)
+        groups: dict[tuple[int, ...], torch.Tensor] = {}
+        for f in self.factors:
+            f = f.reshape([1] * (nd - f.dim()) + list(f.shape))
+            dims = tuple(d for d in range(nd) if f.shape[d] != 1)
+            if dims in groups:
+                g = groups[dims]
+                f = g * f if self.op == "mul" else torch.maximum(g, f)
+            groups[dims] = f
+        used = [d for dims in groups for d in dims]
+        return groups if len(used) == len(set(used)) else None
+
     def nbytes(self) -> int:
         return sum(f.numel() * f.element_size() for f in self.factors)
 
@@ -139,17 +192,41 @@ class Factored:
         return cls(shape, op, factors)
 
 
-def _lowest(dtype: torch.dtype) -> float | int:
+def _neutral(op: Op, dtype: torch.dtype) -> float | int:
+    """x op neutral == x: 1 for mul, the dtype's lowest value for max."""
+    if op == "mul":
+        return 1
     return torch.finfo(dtype).min if dtype.is_floating_point else torch.iinfo(dtype).min
 
 
 def _merge_constants(factors: list[torch.Tensor], op: Op) -> list[torch.Tensor]:
-    """Fold all one-element factors into one (keeps the factor list short across many growth events)."""
-    consts = [f for f in factors if f.numel() == 1]
-    rest = [f for f in factors if f.numel() != 1]
-    if len(consts) <= 1:
-        return factors
-    c = consts[0]
-    for f in consts[1:]:
-        c = c * f if op == "mul" else torch.maximum(c, f)
-    return [c, *rest] if rest else [c]
+    """Fold factors of the same broadcast shape into one (constants included), so that the factor list stays
+    short across many growth events: at most one factor per set of dims it varies along."""
+    nd = max(f.dim() for f in factors)
+    merged: dict[tuple[int, ...], torch.Tensor] = {}
+    for f in factors:
+        f = f.reshape([1] * (nd - f.dim()) + list(f.shape))
+        key = tuple(f.shape)
+        if key in merged:
+            g = merged[key]
+            f = g * f if op == "mul" else torch.maximum(g, f)
+        merged[key] = f
+    return sorted(merged.values(), key=lambda f: f.numel())
+
+def pack(state: dict[str, Factored]) -> dict[str, torch.Tensor]:
+    """Flat tensors for a safetensors file: every entry's `to_tensors(name)` (shared factors copied)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, f in state.items():
+        for k, t in f.to_tensors(name).items():
+            if t.data_ptr() in seen:  # safetensors refuses tensors that share memory
+                t = t.clone()
+            seen.add(t.data_ptr())
+            out[k] = t
+    return out
+
+
+def unpack(tensors: dict[str, torch.Tensor], op: Op) -> dict[str, Factored]:
+    """Inverse of `pack` (parameter names never end in a digit, so `{name}.{k}` is unambiguous)."""
+    names = [k.removesuffix(".shape") for k in tensors if k.endswith(".shape")]
+    return {n: Factored.from_tensors(tensors, n, op) for n in names}

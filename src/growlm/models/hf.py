@@ -250,8 +250,10 @@ def _build(cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: torch.dtype = t
         raise GrowlmError(f"checkpoint does not fit the config: {details[:500]}") from None
 
 
-def to_hf(model: GPT):
-    """The equivalent transformers model (GPT2LMHeadModel or LlamaForCausalLM), same dtype."""
+def to_hf(model: GPT, copy: bool = True):
+    """The equivalent transformers model (GPT2LMHeadModel or LlamaForCausalLM), same dtype.
+
+    `copy=False` shares the weight tensors with `model` (no second copy: for saving right away)."""
     from transformers import AutoModelForCausalLM
 
     cfg = model.config
@@ -259,7 +261,7 @@ def to_hf(model: GPT):
     dtype = next(model.parameters()).dtype
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
-    sd = state_dict_to_hf({k: v.detach().clone() for k, v in model.state_dict().items()}, cfg)
+    sd = state_dict_to_hf({k: v.detach().clone() if copy else v.detach() for k, v in model.state_dict().items()}, cfg)
     if cfg.tie_embeddings:
         sd["lm_head.weight"] = sd[_maps(cfg)["wte.weight"]]
     hf.load_state_dict(sd, strict=True, assign=True)
@@ -280,7 +282,7 @@ def save_hf(model: GPT, out_dir: str | Path, tokenizer=None) -> Path:
     """Write a Hugging Face directory (config, safetensors, generation config, tokenizer), atomically:
     a failed write leaves an existing `out_dir` as it was."""
     out_dir = Path(out_dir)
-    hf = to_hf(model)
+    hf = to_hf(model, copy=False)  # saved at once: sharing the weights saves a full copy
     with atomic_dir(out_dir) as tmp:
         hf.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:

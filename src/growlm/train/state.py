@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from growlm.growth.factored import Factored, Op
+from growlm.growth.factored import Factored, Op, pack, unpack
 from growlm.train import checkpoint as ckpt
 from growlm.train.data import BlockSampler
 
@@ -93,14 +93,8 @@ class TrainState:
         return {**out, **ckpt.capture_host_rng(), "world": world}
 
     def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The factored fields as flat tensor groups (`Factored.to_tensors`, prefix = parameter name)."""
-        out: dict[str, dict[str, torch.Tensor]] = {}
-        for name in TENSOR_FIELDS:
-            group: dict[str, torch.Tensor] = {}
-            for pname, f in getattr(self, name).items():
-                group.update(f.to_tensors(pname))
-            out[name] = group
-        return out
+        """The factored fields as flat tensor groups (`factored.pack`, prefix = parameter name)."""
+        return {name: pack(getattr(self, name)) for name in TENSOR_FIELDS}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]], sampler: BlockSampler,
@@ -112,9 +106,7 @@ class TrainState:
         kw: dict[str, Any] = {"sampler": sampler, "plateau": plateau}
         for f in dataclasses.fields(cls):
             if f.name in TENSOR_FIELDS:
-                group = tensors.get(f.name, {})
-                names = [k[: -len(".shape")] for k in group if k.endswith(".shape")]
-                kw[f.name] = {n: Factored.from_tensors(group, n, TENSOR_FIELDS[f.name]) for n in names}
+                kw[f.name] = unpack(tensors.get(f.name, {}), TENSOR_FIELDS[f.name])
             elif f.name not in kw:
                 kw[f.name] = d[f.name]
         return cls(**kw)

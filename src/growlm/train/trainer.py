@@ -41,8 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from growlm.errors import GrowlmError
-from growlm.growth import GrowthResult, grow
-from growlm.growth.factored import Factored, Op
+from growlm.growth import grow, with_vocab_sources
 from growlm.io import parse_dtype
 from growlm.models.hf import save_hf
 from growlm.models.model import GPT
@@ -52,7 +51,7 @@ from growlm.train.build import check_inputs, setup
 from growlm.train.config import TrainConfig, comparable, config_differences
 from growlm.train.data import BlockSampler, PackedData, prepare_data, retention_text, stack_blocks, text_blocks
 from growlm.train.flops import executed_flops_per_token
-from growlm.train.optim import (broadcast, build_optimizer, freeze_zero_update, lr_at, multiplied_step, transfer_adamw_state,
+from growlm.train.optim import (build_optimizer, freeze_zero_update, lr_at, multiplied_step, transfer_adamw_state,
                                 update_multipliers)
 from growlm.train.regularize import EWC, build_ewc, kd_loss
 from growlm.train.state import PlateauTrigger, TrainState
@@ -255,12 +254,12 @@ class Trainer:
             self.teacher = copy.deepcopy(old_model).eval().requires_grad_(False)
         n_before = old_model.num_params()
         st = self.state
-        gens, scales = _grow_inputs(st.generations), _grow_inputs(st.update_scale)
-        res = grow(old_model, spec, generations=gens, generation=st.generation + 1,
-                   seed=self.cfg.run.seed * 1000 + k + 1, update_scale=scales)
+        spec = with_vocab_sources(spec, old_model.config.vocab_size)  # a vocab spec may name a tokenizer dir
+        res = grow(old_model, spec, generations=st.generations, generation=st.generation + 1,
+                   seed=self.cfg.run.seed * 1000 + k + 1, update_scale=st.update_scale)
         self.model = res.model.to(device=self.device, dtype=self.dtype)
         st.generation += 1
-        st.generations, st.update_scale = _factored(res, "generations", "max"), _factored(res, "update_scale", "mul")
+        st.generations, st.update_scale = res.generations, res.update_scale
         st.last_growth_step = st.step
         self._rebuild_optimizer()
         transfer_adamw_state(old_model, old_opt, res, self.optimizer)
@@ -409,17 +408,6 @@ def _loss_dtype(t: torch.Tensor) -> torch.dtype:
 
 def _jsonable(d: Any) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=str)) if isinstance(d, dict) else {"record": str(d)}
-
-
-# -- until growth returns Factored side state (issue 10): the two conversions at the grow() call --------------
-def _grow_inputs(d: dict[str, Factored]) -> dict[str, torch.Tensor] | None:
-    """Full-shape views (expanded, not copied) of factored side state, as grow() takes them today."""
-    return {n: broadcast(f).expand(f.shape) for n, f in d.items()} or None
-
-
-def _factored(res: GrowthResult, name: str, op: Op) -> dict[str, Factored]:
-    """res.generations / res.update_scale as Factored (plain tensors are converted with from_dense)."""
-    return {n: v if isinstance(v, Factored) else Factored.from_dense(v, op) for n, v in getattr(res, name).items()}
 
 
 def train(cfg: TrainConfig, callback: Callback | None = None, model: GPT | None = None, tokenizer: Any = None,

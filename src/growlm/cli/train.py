@@ -12,10 +12,12 @@ import os
 import sys
 import time
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from growlm.report import load_run, write_card
 from growlm.train import GrowthConfig, ModelSource, OptimConfig, RegConfig, RunConfig, TrainConfig
 from growlm.train import train as run_training
 from growlm.train.data import DataConfig
@@ -24,8 +26,14 @@ from growlm.train.parallel import dist_info
 console = Console() if sys.stdout.isatty() else Console(width=150)
 
 
-def format_line(rec: dict, max_steps: int) -> str:
-    """`step 00100/02000 | loss 3.4120 | lr 6.0e-04 | tok/s 9,800 | mfu 41%` (+ val loss when evaluated)."""
+def hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def format_line(rec: dict, max_steps: int, elapsed: float | None = None, eta: float | None = None) -> str:
+    """`step 00100/02000 | loss 3.4120 | lr 6.0e-04 | tok/s 9,800 | mfu 41% | 1m40s | eta 31m40s`
+    (+ val loss when evaluated)."""
     w = max(5, len(str(max_steps)))
     parts = [f"step {rec['step']:0{w}d}/{max_steps:0{w}d}"]
     if rec.get("loss") is not None:
@@ -40,11 +48,13 @@ def format_line(rec: dict, max_steps: int) -> str:
         parts.append(f"val {rec['val_loss']:.4f} (ppl {math.exp(rec['val_loss']):.2f})")
     if rec.get("skipped"):
         parts.append("SKIPPED (non-finite loss)")
+    if elapsed is not None:
+        parts.append(hms(elapsed) + ("" if eta is None else f" | eta {hms(eta)}"))
     return " | ".join(parts)
 
 
 def growth_table(events: list[dict]) -> Table:
-    t = Table(title="growth events")
+    t = Table(title="growth events", box=box.HEAVY_HEAD if console.is_terminal else box.ASCII)
     for c in ("step", "operator", "layers", "n_embd", "params", "added", "trainable", "val before", "val after", "delta"):
         t.add_column(c, justify="right")
     for e in events:
@@ -82,13 +92,17 @@ def train(
                         disable=not rank0 or not console.is_terminal)
     task = progress.add_task("train", total=run.max_steps)
     t0 = time.perf_counter()
+    first: list[int] = []  # the first step logged (a resumed run starts late): the base of the ETA
 
     def on(kind: str, rec: dict) -> None:
         if dist_info()[0] != 0:
             return
         if kind == "log":
             progress.update(task, completed=rec["step"])
-            progress.console.print(format_line(rec, run.max_steps))
+            first[:] = first or [rec["step"]]
+            el, done = time.perf_counter() - t0, rec["step"] - first[0]
+            eta = el / done * (run.max_steps - rec["step"]) if done > 0 else None
+            progress.console.print(format_line(rec, run.max_steps, el, eta), highlight=False)
         elif kind == "growth":
             progress.console.print(
                 f"[bold green]growth[/] step {rec['step']}: {rec['operator']} "
@@ -103,7 +117,7 @@ def train(
     elapsed = time.perf_counter() - t0
     if res.events:
         console.print(growth_table(res.events))
-    t = Table(title=f"{cfg.model.name}: {res.step} steps in {elapsed:.0f} s")
+    t = Table(title=f"{cfg.model.name}: {res.step} steps in {elapsed:.0f} s", box=box.HEAVY_HEAD if console.is_terminal else box.ASCII)
     t.add_column("measure")
     t.add_column("base", justify="right")
     t.add_column("final", justify="right")
@@ -114,3 +128,8 @@ def train(
                   f"{math.exp(res.retention['final']):.3f}")
     console.print(t)
     console.print(f"metrics: {cfg.run.out_dir}/metrics.jsonl" + (f"; model: {cfg.run.out_dir}/hf" if cfg.run.export_hf else ""))
+    try:
+        cards = write_card(load_run(cfg.run.out_dir))
+        console.print("report: " + ", ".join(str(c) for c in cards), highlight=False)
+    except Exception as e:  # noqa: BLE001 - the run itself succeeded: say so, and how to retry the report
+        console.print(f"report: not written ({type(e).__name__}: {e}); retry with: growlm report {cfg.run.out_dir}", highlight=False)

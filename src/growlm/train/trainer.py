@@ -28,6 +28,7 @@ GrowlmError (nothing is saved from the non-finite state).
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import copy
 import json
 import math
@@ -322,9 +323,14 @@ class Trainer:
     def fit(self, stop_after: int | None = None) -> TrainResult:
         """Train to run.max_steps. `stop_after` ends early after that step (simulates a killed run)."""
         r = self.cfg.run
+        t_start = time.perf_counter()
+        if self.state.step == 0 and self.rank == 0 and self.metrics_path.exists():
+            self.metrics_path.unlink()  # a fresh run (checked in __init__: no checkpoints here)
+        self._write_metrics({"kind": "run", "event": "start", "step": self.state.step,
+                             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "growlm_version": _version(),
+                             "dtype": r.dtype, "autocast": r.autocast, "peak_flops": self.peak,
+                             **parallel.machine_info(self.device, self.world), "config": _jsonable(self.cfg.to_dict())})
         if self.state.step == 0:
-            if self.rank == 0 and self.metrics_path.exists():
-                self.metrics_path.unlink()  # a fresh run (checked in __init__: no checkpoints here)
             self.state.base_val = self.evaluate()
             self.state.last_val = self.state.base_val
             if r.retention_blocks > 0:
@@ -361,6 +367,12 @@ class Trainer:
         if self.state.step == r.max_steps and r.retention_blocks > 0:
             self.state.retention["final"] = self._retention()
             self._write_metrics({"kind": "retention", "step": self.state.step, **{f"retention_loss_{k}": v for k, v in self.state.retention.items()}})
+        if self.state.step == r.max_steps:  # a finished segment: what the report needs beyond the step lines
+            self._write_metrics({"kind": "run", "event": "end", "step": self.state.step,
+                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": time.perf_counter() - t_start,
+                                 "tokens": self.state.tokens, "flops": self.state.flops,
+                                 "peak_mem_mb": parallel.peak_memory_mb(self.device), "val_loss": self.state.last_val,
+                                 "best_val_loss": self.state.best_val})
         return TrainResult(self.model, self.state.step, self.state.last_val, self.state.base_val, self.state.events, self.state.retention, self.out_dir)
 
     def _retention(self) -> float:
@@ -404,6 +416,13 @@ class Trainer:
 
 def _loss_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)  # bf16 -> fp32, fp64 stays
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("growlm")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _jsonable(d: Any) -> dict[str, Any]:

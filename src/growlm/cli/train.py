@@ -14,7 +14,8 @@ import time
 
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 
 from growlm.report import load_run, write_card
@@ -32,7 +33,7 @@ def hms(seconds: float) -> str:
 
 
 def format_line(rec: dict, max_steps: int, elapsed: float | None = None, eta: float | None = None) -> str:
-    """`step 00100/02000 | loss 3.4120 | lr 6.0e-04 | tok/s 9,800 | mfu 41% | 1m40s | eta 31m40s`
+    """`step 00100/02000 | loss 3.4120 | lr 6.0e-04 | tok/s 9,800 | mfu 41% | elapsed 1m40s | eta 31m40s`
     (+ val loss when evaluated)."""
     w = max(5, len(str(max_steps)))
     parts = [f"step {rec['step']:0{w}d}/{max_steps:0{w}d}"]
@@ -49,7 +50,7 @@ def format_line(rec: dict, max_steps: int, elapsed: float | None = None, eta: fl
     if rec.get("skipped"):
         parts.append("SKIPPED (non-finite loss)")
     if elapsed is not None:
-        parts.append(hms(elapsed) + ("" if eta is None else f" | eta {hms(eta)}"))
+        parts.append(f"elapsed {hms(elapsed)}" + ("" if eta is None else f" | eta {hms(eta)}"))
     return " | ".join(parts)
 
 
@@ -87,22 +88,37 @@ def train(
     """
     cfg = TrainConfig(model=model, data=data, optim=optim, growth=growth, reg=reg, run=run)
     rank0 = int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK; the process group starts in the Trainer
-    progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
-                        disable=not rank0 or not console.is_terminal)
-    task = progress.add_task("train", total=run.max_steps)
+    progress = Progress(TextColumn("[bold]{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]:>14}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                        console=console, transient=True, disable=not rank0 or not console.is_terminal)
+    bars: dict[str, TaskID] = {}
     t0 = time.perf_counter()
-    first: list[int] = []  # the first step logged (a resumed run starts late): the base of the ETA
+    first: list[tuple[int, float]] = []  # (step, time) of the first logged step: the base of the ETA (setup excluded)
+
+    def bar(name: str, total: int) -> TaskID:
+        if name not in bars:
+            bars[name] = progress.add_task(name, total=total, rate="")
+        return bars[name]
 
     def on(kind: str, rec: dict) -> None:
         if dist_info()[0] != 0:
             return
-        if kind == "log":
-            progress.update(task, completed=rec["step"])
-            first[:] = first or [rec["step"]]
-            el, done = time.perf_counter() - t0, rec["step"] - first[0]
-            eta = el / done * (run.max_steps - rec["step"]) if done > 0 else None
-            progress.console.print(format_line(rec, run.max_steps, el, eta), highlight=False)
+        if kind == "progress":  # tokenising the corpus, evaluating: bars only (terminals), never the log
+            b = bar(rec["task"], rec["total"])
+            unit = "docs" if rec["task"] == "tokenise" else "batches"
+            el = progress.tasks[b].elapsed or 0.0
+            rate = f"{rec['done'] / el:,.1f} {unit}/s" if el > 0 else ""
+            progress.update(b, completed=rec["done"], total=rec["total"], rate=rate, visible=rec["done"] < rec["total"])
+            if rec["done"] >= rec["total"]:
+                progress.reset(b, visible=False)  # the next evaluation starts its clock again
+        elif kind == "log":
+            now = time.perf_counter()
+            first[:] = first or [(rec["step"], now)]
+            done = rec["step"] - first[0][0]
+            eta = (now - first[0][1]) / done * (run.max_steps - rec["step"]) if done > 0 else None
+            rate = f"{rec['tok_s']:,.0f} tok/s" if rec.get("tok_s") else ""
+            progress.update(bar("train", run.max_steps), completed=rec["step"], rate=rate)
+            progress.console.print(format_line(rec, run.max_steps, now - t0, eta), highlight=False)
         elif kind == "growth":
             progress.console.print(
                 f"[bold green]growth[/] step {rec['step']}: {rec['operator']} "

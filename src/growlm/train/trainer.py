@@ -70,7 +70,8 @@ class TrainResult:
 
 
 Callback = Callable[[str, dict[str, Any]], None]
-"""on(kind, record): kind is 'log' (a metrics line), 'growth' (an event), 'eval' or 'info'."""
+"""on(kind, record): kind is 'log' (a metrics line), 'growth' (an event), 'eval', 'info' or 'progress'
+({"task": "tokenise" | "eval", "done": n, "total": N}: for progress bars, never logged)."""
 
 
 def resume_point(cfg: TrainConfig) -> Path | None:
@@ -229,6 +230,7 @@ class Trainer:
                 logits = model(x)
             total += float(F.cross_entropy(logits.to(_loss_dtype(logits)).reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
             count += y.numel()
+            self.callback("progress", {"task": "eval", "done": min(s + mb, n), "total": n})
         model.train(was_training)
         return total / count
 
@@ -435,7 +437,8 @@ def train(cfg: TrainConfig, callback: Callback | None = None, model: GPT | None 
     Builds the model, tokenizer and data from the config unless they are given."""
     if model is None:
         resume_point(cfg)  # a config that cannot resume fails before anything is loaded
-        model, tokenizer, data = setup(cfg)
+        progress = None if callback is None else (lambda d, n: callback("progress", {"task": "tokenise", "done": d, "total": n}))
+        model, tokenizer, data = setup(cfg, progress)
     elif data is None:
         if tokenizer is None:
             raise GrowlmError("no tokenizer: set model.tokenizer")

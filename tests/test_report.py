@@ -5,6 +5,7 @@ tokenizer, grown twice) and one smaller, shorter run without growth are shared b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -206,3 +207,21 @@ def test_incomplete_run_still_reports_and_a_non_run_exits_2(runs, tmp_path, caps
         assert main(["report", str(bad)]) == 2
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert len(err) == 1 and "not a run directory" in err[0], err
+
+
+def test_a_killed_and_resumed_run_reports_both_segments(tmp_path):
+    from growlm.models.model import GPT
+    from growlm.train import Trainer
+    from tests.conftest import tiny_config
+    from tests.test_train import config, packed
+
+    cfg = config(tmp_path, "r", run=dict(max_steps=4, save_every=1))
+    Trainer(cfg, GPT(tiny_config("llama")), packed()).fit(stop_after=2)
+    killed = load_run(tmp_path / "r")
+    assert len(killed.starts) == 1 and not killed.ends and any("did not finish" in m for m in killed.missing)
+    resumed = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume=True))
+    Trainer(resumed, GPT(tiny_config("llama")), packed()).fit()
+    run = load_run(tmp_path / "r")
+    assert [s["step"] for s in run.starts] == [0, 2] and [e["step"] for e in run.ends] == [4]
+    assert [r["step"] for r in run.train] == [0, 1, 2, 3, 4] and not any("did not finish" in m for m in run.missing)
+    assert run.config["run"]["max_steps"] == 4 and run.machine["cpu_count"] >= 1

@@ -185,7 +185,7 @@ def metrics_section(run: RunData) -> str:
                          fmt_loss(r.get("loss"))])
     out = ["## Summary metrics", ""]
     out.append(_table(["evaluation", "step", "val loss", "val perplexity", "train loss"], rows) if rows else "No evaluation was logged.")
-    base_name = "starting model (step 0)"
+    base_name = "base model (step 0)" if run.value("model.init") == "pretrained" else "initialisation (step 0)"
     res = []
     i, f = run.initial, run.final
     if i and f:
@@ -197,7 +197,7 @@ def metrics_section(run: RunData) -> str:
     for task, m, v, se, n in eval_rows(run):
         res.append([f"{task} {m} (n={n})", "—", f"{v:.4f}" + (f" ± {se:.4f}" if se is not None else "")])
     if res:
-        out += ["", f"Results, {base_name} vs final model:", "", _table(["measure", "start", "final"], res)]
+        out += ["", f"Results, {base_name} vs final model:", "", _table(["measure", base_name, "final"], res)]
     return "\n".join(out)
 
 

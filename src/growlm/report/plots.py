@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter
 
 from growlm.report.run import RunData
 
@@ -99,6 +100,7 @@ def params_figure(run: RunData) -> Figure:
     _mark_events(ax, run, "step")
     ax.set_xlabel("step")
     ax.set_ylabel("parameters")
+    ax.yaxis.set_major_formatter(EngFormatter())
     ax.legend(loc="lower right", fontsize=8)
     fig.suptitle(f"{run.name}: parameters")
     return fig

@@ -67,7 +67,9 @@ def params(model: GPT) -> dict[str, torch.Tensor]:
 
 def metrics(path) -> list[dict]:
     drop = {"tok_s", "mfu", "peak_mem_mb"}  # wall-clock and memory: not part of the computation
-    return [{k: v for k, v in json.loads(ln).items() if k not in drop} for ln in path.read_text().splitlines()]
+    recs = [json.loads(ln) for ln in path.read_text().splitlines()]
+    # kind=run lines (machine, versions, wall time; one start line per segment) describe the run, not its numbers
+    return [{k: v for k, v in r.items() if k not in drop} for r in recs if r.get("kind") != "run"]
 
 
 # -- 1. accumulation ------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Callable
 from growlm.cli import eval as cmd_eval
 from growlm.cli import grow as cmd_grow
 from growlm.cli import model as cmd_model
+from growlm.cli import report as cmd_report
 from growlm.cli import train as cmd_train
 from growlm.errors import GrowlmError
 
@@ -28,6 +29,7 @@ def _commands() -> dict[str, Callable]:
         "grow": cmd_grow.grow,
         "eval": cmd_eval.eval,
         "train": cmd_train.train,
+        "report": cmd_report.report,
     }
 
 
@@ -36,13 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     from jsonargparse import ArgumentParser, CLI  # noqa: F401
 
 
-    argv = [_underscore_option(a) for a in (sys.argv[1:] if argv is None else argv)]
+    argv = cmd_report.positional_runs([_underscore_option(a) for a in (sys.argv[1:] if argv is None else argv)])
     try:
         from jsonargparse import auto_cli
     except ImportError:  # older jsonargparse
         from jsonargparse import CLI as auto_cli
     try:
         _quiet_libraries()
+        _help_from_docstrings()
         auto_cli(_commands(), args=argv, as_positional=False, parser_class=_parser_class(),
                  description="growlm: grow, distil and continue pretraining small GPT-style models")
     except GrowlmError as e:
@@ -72,6 +75,13 @@ def _parser_class():
             raise SystemExit(2)
 
     return Parser
+
+
+def _help_from_docstrings() -> None:
+    """Help texts from the dataclass fields' attribute docstrings and the functions' Args (docstring-parser)."""
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 def _underscore_option(arg: str) -> str:

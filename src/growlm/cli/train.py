@@ -12,10 +12,13 @@ import os
 import sys
 import time
 
+from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 
+from growlm.report import load_run, write_card
 from growlm.train import GrowthConfig, ModelSource, OptimConfig, RegConfig, RunConfig, TrainConfig
 from growlm.train import train as run_training
 from growlm.train.data import DataConfig
@@ -24,8 +27,14 @@ from growlm.train.parallel import dist_info
 console = Console() if sys.stdout.isatty() else Console(width=150)
 
 
-def format_line(rec: dict, max_steps: int) -> str:
-    """`step 00100/02000 | loss 3.4120 | lr 6.0e-04 | tok/s 9,800 | mfu 41%` (+ val loss when evaluated)."""
+def hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def format_line(rec: dict, max_steps: int, elapsed: float | None = None, eta: float | None = None) -> str:
+    """`step 00100/02000 | loss 3.4120 | lr 6.0e-04 | tok/s 9,800 | mfu 41% | elapsed 1m40s | eta 31m40s`
+    (+ val loss when evaluated)."""
     w = max(5, len(str(max_steps)))
     parts = [f"step {rec['step']:0{w}d}/{max_steps:0{w}d}"]
     if rec.get("loss") is not None:
@@ -40,11 +49,13 @@ def format_line(rec: dict, max_steps: int) -> str:
         parts.append(f"val {rec['val_loss']:.4f} (ppl {math.exp(rec['val_loss']):.2f})")
     if rec.get("skipped"):
         parts.append("SKIPPED (non-finite loss)")
+    if elapsed is not None:
+        parts.append(f"elapsed {hms(elapsed)}" + ("" if eta is None else f" | eta {hms(eta)}"))
     return " | ".join(parts)
 
 
 def growth_table(events: list[dict]) -> Table:
-    t = Table(title="growth events")
+    t = Table(title="growth events", box=box.HEAVY_HEAD if console.is_terminal else box.ASCII)
     for c in ("step", "operator", "layers", "n_embd", "params", "added", "trainable", "val before", "val after", "delta"):
         t.add_column(c, justify="right")
     for e in events:
@@ -77,18 +88,37 @@ def train(
     """
     cfg = TrainConfig(model=model, data=data, optim=optim, growth=growth, reg=reg, run=run)
     rank0 = int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK; the process group starts in the Trainer
-    progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
-                        disable=not rank0 or not console.is_terminal)
-    task = progress.add_task("train", total=run.max_steps)
+    progress = Progress(TextColumn("[bold]{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]:>14}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                        console=console, transient=True, disable=not rank0 or not console.is_terminal)
+    bars: dict[str, TaskID] = {}
     t0 = time.perf_counter()
+    first: list[tuple[int, float]] = []  # (step, time) of the first logged step: the base of the ETA (setup excluded)
+
+    def bar(name: str, total: int) -> TaskID:
+        if name not in bars:
+            bars[name] = progress.add_task(name, total=total, rate="")
+        return bars[name]
 
     def on(kind: str, rec: dict) -> None:
         if dist_info()[0] != 0:
             return
-        if kind == "log":
-            progress.update(task, completed=rec["step"])
-            progress.console.print(format_line(rec, run.max_steps))
+        if kind == "progress":  # tokenising the corpus, evaluating: bars only (terminals), never the log
+            b = bar(rec["task"], rec["total"])
+            unit = "docs" if rec["task"] == "tokenise" else "batches"
+            el = progress.tasks[b].elapsed or 0.0
+            rate = f"{rec['done'] / el:,.1f} {unit}/s" if el > 0 else ""
+            progress.update(b, completed=rec["done"], total=rec["total"], rate=rate, visible=rec["done"] < rec["total"])
+            if rec["done"] >= rec["total"]:
+                progress.reset(b, visible=False)  # the next evaluation starts its clock again
+        elif kind == "log":
+            now = time.perf_counter()
+            first[:] = first or [(rec["step"], now)]
+            done = rec["step"] - first[0][0]
+            eta = (now - first[0][1]) / done * (run.max_steps - rec["step"]) if done > 0 else None
+            rate = f"{rec['tok_s']:,.0f} tok/s" if rec.get("tok_s") else ""
+            progress.update(bar("train", run.max_steps), completed=rec["step"], rate=rate)
+            progress.console.print(format_line(rec, run.max_steps, now - t0, eta), highlight=False)
         elif kind == "growth":
             progress.console.print(
                 f"[bold green]growth[/] step {rec['step']}: {rec['operator']} "
@@ -103,7 +133,7 @@ def train(
     elapsed = time.perf_counter() - t0
     if res.events:
         console.print(growth_table(res.events))
-    t = Table(title=f"{cfg.model.name}: {res.step} steps in {elapsed:.0f} s")
+    t = Table(title=f"{cfg.model.name}: {res.step} steps in {elapsed:.0f} s", box=box.HEAVY_HEAD if console.is_terminal else box.ASCII)
     t.add_column("measure")
     t.add_column("base", justify="right")
     t.add_column("final", justify="right")
@@ -114,3 +144,8 @@ def train(
                   f"{math.exp(res.retention['final']):.3f}")
     console.print(t)
     console.print(f"metrics: {cfg.run.out_dir}/metrics.jsonl" + (f"; model: {cfg.run.out_dir}/hf" if cfg.run.export_hf else ""))
+    try:
+        cards = write_card(load_run(cfg.run.out_dir))
+        console.print("report: " + ", ".join(str(c) for c in cards), highlight=False)
+    except Exception as e:  # noqa: BLE001 - the run itself succeeded: say so, and how to retry the report
+        console.print(f"report: not written ({type(e).__name__}: {e}); retry with: growlm report {cfg.run.out_dir}", highlight=False)

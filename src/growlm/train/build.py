@@ -6,7 +6,7 @@ hand it any model and any packed data.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -49,12 +49,13 @@ def build_model(src: ModelSource, dtype: torch.dtype, seed: int) -> tuple[GPT, A
     return load_model(src.name, dtype=dtype)
 
 
-def setup(cfg: TrainConfig) -> tuple[GPT, Any, PackedData]:
-    """The model, tokenizer and packed data of `cfg` (weights in run.dtype, on the CPU)."""
+def setup(cfg: TrainConfig, progress: Callable[[int, int], None] | None = None) -> tuple[GPT, Any, PackedData]:
+    """The model, tokenizer and packed data of `cfg` (weights in run.dtype, on the CPU); `progress(done,
+    total)` follows the tokenisation of the corpus (documents)."""
     model, tok0 = build_model(cfg.model, parse_dtype(cfg.run.dtype, ("float32", "float64")), cfg.run.seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer, tok0)
     check_inputs(cfg, model, tokenizer)  # before tokenising the corpus
-    return model, tokenizer, prepare_data(cfg.data, tokenizer)
+    return model, tokenizer, prepare_data(cfg.data, tokenizer, progress)
 
 
 def check_inputs(cfg: TrainConfig, model: GPT, tokenizer: Any) -> None:

@@ -83,7 +83,10 @@ class GrowthConfig:
     cooldown: int = 0
     """Plateau: evaluations ignored after an event."""
     operators: list[GrowthSpec] = field(default_factory=lambda: [GrowthSpec("depth")])
-    """The growth step of each event (cycled): e.g. [{operator: depth, ...}, {operator: width, ...}]."""
+    """The growth step of each event (cycled), e.g. [{operator: depth, n: 2}, {operator: width, factor: 2}].
+    operator keys: depth (identity blocks: n, where, layers, init), stack (G_stack copies, not exact: n, where),
+    width (factor, or n_embd / n_head / n_kv_head / ffn_size / head_dim), vocab (vocab_size, tokenizer);
+    every field: --growth.operators.help GrowthSpec."""
     old_params: Literal["train", "freeze", "freeze_base", "decay"] = "train"
     """What was learned before an event: keep training ('train'), freeze every older generation ('freeze':
     only the newest elements train), freeze only the original model ('freeze_base': everything grown

@@ -23,7 +23,7 @@ import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -225,10 +225,11 @@ def eos_id(tokenizer: Any) -> int:
     return int(eos)
 
 
-def tokenize_documents(docs: Sequence[Document], tokenizer: Any, batch_size: int = 64) -> np.ndarray:
+def tokenize_documents(docs: Sequence[Document], tokenizer: Any, batch_size: int = 64,
+                       progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """One token stream: each document's ids followed by EOS. Whole documents are tokenised (cutting
     them would change the pre-tokenisation at the cut), in batches so that a fast (Rust) tokenizer
-    works on several documents at once."""
+    works on several documents at once. `progress(done, total)` is called after each batch."""
     eos = eos_id(tokenizer)
     out: list[np.ndarray] = []
     for i in range(0, len(docs), batch_size):
@@ -236,6 +237,8 @@ def tokenize_documents(docs: Sequence[Document], tokenizer: Any, batch_size: int
         for seq in ids:
             out.append(np.asarray(seq, dtype=np.int64))
             out.append(np.asarray([eos], dtype=np.int64))
+        if progress is not None:
+            progress(min(i + batch_size, len(docs)), len(docs))
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
@@ -271,8 +274,9 @@ def _data_hash(cfg: DataConfig, docs: Sequence[Document]) -> str:
     return h.hexdigest()[:16]
 
 
-def prepare_data(cfg: DataConfig, tokenizer: Any) -> PackedData:
-    """Read, split, tokenise and pack (or reuse the on-disk cache keyed by data + tokenizer)."""
+def prepare_data(cfg: DataConfig, tokenizer: Any, progress: Callable[[int, int], None] | None = None) -> PackedData:
+    """Read, split, tokenise and pack (or reuse the on-disk cache keyed by data + tokenizer);
+    `progress(documents done, total)` follows the tokenisation."""
     docs = read_documents(cfg.path, cfg.text_field)
     key = f"{_data_hash(cfg, docs)}-{tokenizer_fingerprint(tokenizer)}"
     root = Path(cfg.cache_dir) if cfg.cache_dir else _default_cache() / "data"
@@ -280,9 +284,10 @@ def prepare_data(cfg: DataConfig, tokenizer: Any) -> PackedData:
     meta_path = d / "meta.json"
     if not meta_path.exists():
         train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.seed)
-        train = tokenize_documents(train_docs, tokenizer)
+        n = len(train_docs) + len(val_docs)
+        train = tokenize_documents(train_docs, tokenizer, progress=progress and (lambda d, _: progress(d, n)))
         if val_docs:
-            val = tokenize_documents(val_docs, tokenizer)
+            val = tokenize_documents(val_docs, tokenizer, progress=progress and (lambda d, _: progress(len(train_docs) + d, n)))
         else:  # one document: hold out its tail
             n_val = max(2, int(len(train) * cfg.val_fraction))
             train, val = train[:-n_val], train[-n_val:]

@@ -73,3 +73,25 @@ def peak_flops(run: RunConfig, dtype: torch.dtype, device: str) -> float:
     if run.peak_flops is not None:
         return float(run.peak_flops)
     return matmul_peak(torch.bfloat16 if run.autocast == "bf16" else dtype, device)
+
+
+def machine_info(device: str, world: int) -> dict[str, object]:
+    """Where a run executes, for its report: device, CPU model and count, threads, framework versions."""
+    import platform
+
+    import numpy
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info: dict[str, object] = {"device": device, "world": world, "cpu": cpu, "cpu_count": os.cpu_count(),
+                               "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    info["versions"] = {"python": platform.python_version(), "torch": torch.__version__,
+                        "transformers": transformers.__version__, "numpy": numpy.__version__}
+    return info

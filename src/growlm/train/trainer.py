@@ -28,6 +28,7 @@ GrowlmError (nothing is saved from the non-finite state).
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import copy
 import json
 import math
@@ -69,7 +70,8 @@ class TrainResult:
 
 
 Callback = Callable[[str, dict[str, Any]], None]
-"""on(kind, record): kind is 'log' (a metrics line), 'growth' (an event), 'eval' or 'info'."""
+"""on(kind, record): kind is 'log' (a metrics line), 'growth' (an event), 'eval', 'info' or 'progress'
+({"task": "tokenise" | "eval", "done": n, "total": N}: for progress bars, never logged)."""
 
 
 def resume_point(cfg: TrainConfig) -> Path | None:
@@ -228,6 +230,7 @@ class Trainer:
                 logits = model(x)
             total += float(F.cross_entropy(logits.to(_loss_dtype(logits)).reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
             count += y.numel()
+            self.callback("progress", {"task": "eval", "done": min(s + mb, n), "total": n})
         model.train(was_training)
         return total / count
 
@@ -322,9 +325,14 @@ class Trainer:
     def fit(self, stop_after: int | None = None) -> TrainResult:
         """Train to run.max_steps. `stop_after` ends early after that step (simulates a killed run)."""
         r = self.cfg.run
+        t_start = time.perf_counter()
+        if self.state.step == 0 and self.rank == 0 and self.metrics_path.exists():
+            self.metrics_path.unlink()  # a fresh run (checked in __init__: no checkpoints here)
+        self._write_metrics({"kind": "run", "event": "start", "step": self.state.step,
+                             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "growlm_version": _version(),
+                             "dtype": r.dtype, "autocast": r.autocast, "peak_flops": self.peak,
+                             **parallel.machine_info(self.device, self.world), "config": _jsonable(self.cfg.to_dict())})
         if self.state.step == 0:
-            if self.rank == 0 and self.metrics_path.exists():
-                self.metrics_path.unlink()  # a fresh run (checked in __init__: no checkpoints here)
             self.state.base_val = self.evaluate()
             self.state.last_val = self.state.base_val
             if r.retention_blocks > 0:
@@ -361,6 +369,12 @@ class Trainer:
         if self.state.step == r.max_steps and r.retention_blocks > 0:
             self.state.retention["final"] = self._retention()
             self._write_metrics({"kind": "retention", "step": self.state.step, **{f"retention_loss_{k}": v for k, v in self.state.retention.items()}})
+        if self.state.step == r.max_steps:  # a finished segment: what the report needs beyond the step lines
+            self._write_metrics({"kind": "run", "event": "end", "step": self.state.step,
+                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": time.perf_counter() - t_start,
+                                 "tokens": self.state.tokens, "flops": self.state.flops,
+                                 "peak_mem_mb": parallel.peak_memory_mb(self.device), "val_loss": self.state.last_val,
+                                 "best_val_loss": self.state.best_val})
         return TrainResult(self.model, self.state.step, self.state.last_val, self.state.base_val, self.state.events, self.state.retention, self.out_dir)
 
     def _retention(self) -> float:
@@ -406,6 +420,13 @@ def _loss_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)  # bf16 -> fp32, fp64 stays
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("growlm")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def _jsonable(d: Any) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=str)) if isinstance(d, dict) else {"record": str(d)}
 
@@ -416,7 +437,8 @@ def train(cfg: TrainConfig, callback: Callback | None = None, model: GPT | None 
     Builds the model, tokenizer and data from the config unless they are given."""
     if model is None:
         resume_point(cfg)  # a config that cannot resume fails before anything is loaded
-        model, tokenizer, data = setup(cfg)
+        progress = None if callback is None else (lambda d, n: callback("progress", {"task": "tokenise", "done": d, "total": n}))
+        model, tokenizer, data = setup(cfg, progress)
     elif data is None:
         if tokenizer is None:
             raise GrowlmError("no tokenizer: set model.tokenizer")

@@ -1,0 +1,159 @@
+"""A run directory, read back for a report: `metrics.jsonl`, the saved config and the exported model.
+
+Nothing here probes the machine or the model's weights: a report is made from what the run wrote, so it
+can be made again after the fact and for old runs (a run killed mid-write, or one without an export,
+still reads; what is missing is listed in `RunData.missing`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from growlm.errors import GrowlmError
+
+EVAL_FILE = "eval_results.json"
+"""Scores of `growlm report --eval` on the final model, kept in the run directory beside metrics.jsonl."""
+
+
+@dataclass
+class RunData:
+    path: Path
+    train: list[dict[str, Any]] = field(default_factory=list)
+    """kind=train lines in order (step 0 = the starting model, evaluated before any update)."""
+    growth: list[dict[str, Any]] = field(default_factory=list)
+    retention: dict[str, float] = field(default_factory=dict)
+    starts: list[dict[str, Any]] = field(default_factory=list)
+    """kind=run event=start lines: machine, versions and the TrainConfig (one per started segment)."""
+    ends: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] | None = None
+    hf_dir: Path | None = None
+    evals: dict[str, Any] | None = None
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.resolve().name
+
+    @property
+    def evaluated(self) -> list[dict[str, Any]]:
+        return [r for r in self.train if r.get("val_loss") is not None]
+
+    @property
+    def initial(self) -> dict[str, Any] | None:
+        ev = self.evaluated
+        return ev[0] if ev and ev[0].get("step") == 0 else None
+
+    @property
+    def final(self) -> dict[str, Any] | None:
+        ev = self.evaluated
+        return ev[-1] if ev else None
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        ev = [r for r in self.evaluated if r.get("step", 0) > 0] or self.evaluated
+        return min(ev, key=lambda r: r["val_loss"]) if ev else None
+
+    @property
+    def last(self) -> dict[str, Any] | None:
+        return self.train[-1] if self.train else None
+
+    @property
+    def machine(self) -> dict[str, Any]:
+        return self.starts[-1] if self.starts else {}
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.ends)
+
+    def value(self, key: str, default: Any = None) -> Any:
+        """The config value at a dotted key (`run.max_steps`), or default."""
+        d: Any = self.config or {}
+        for k in key.split("."):
+            if not isinstance(d, dict) or k not in d:
+                return default
+            d = d[k]
+        return d
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir())
+
+
+def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The parsed lines of a metrics.jsonl and a note for each line that is not a JSON object (a run
+    killed mid-write leaves a truncated last line)."""
+    recs, notes = [], []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            notes.append(f"metrics.jsonl line {i} is truncated or not JSON (run killed mid-write?); skipped")
+            continue
+        if isinstance(rec, dict):
+            recs.append(rec)
+    return recs, notes
+
+
+def load_run(path: str | Path) -> RunData:
+    """Read a run directory; raises GrowlmError when `path` is not one."""
+    p = Path(path)
+    if not is_run_dir(p):
+        raise GrowlmError(f"{path}: not a run directory (no metrics.jsonl or checkpoints/ in it)")
+    run = RunData(p)
+    mpath = p / "metrics.jsonl"
+    recs: list[dict[str, Any]] = []
+    if mpath.is_file():
+        recs, run.missing = read_metrics(mpath)
+    else:
+        run.missing.append("metrics.jsonl is absent: no curves or metrics")
+    for rec in recs:
+        kind = rec.get("kind")
+        if kind == "train":
+            run.train.append(rec)
+        elif kind == "growth":
+            run.growth.append(rec)
+        elif kind == "retention":
+            run.retention.update({k.removeprefix("retention_loss_"): v for k, v in rec.items()
+                                  if k.startswith("retention_loss_") and _finite(v)})
+        elif kind == "run":
+            (run.starts if rec.get("event") == "start" else run.ends).append(rec)
+    if run.starts and isinstance(run.starts[-1].get("config"), dict):
+        run.config = run.starts[-1]["config"]
+    else:
+        run.config = _checkpoint_config(p)
+        if run.config is None:
+            run.missing.append("no training configuration (no kind=run line and no checkpoint)")
+    if not run.starts:
+        run.missing.append("no kind=run line (older run): device, CPU and versions unknown")
+    if not run.ends and recs:
+        run.missing.append("no end-of-run line: the run did not finish (killed or still running); wall time unknown")
+    hf = p / "hf"
+    if (hf / "config.json").is_file():
+        run.hf_dir = hf
+    else:
+        run.missing.append("no exported model (hf/): no usage snippet")
+    if (p / EVAL_FILE).is_file():
+        try:
+            run.evals = json.loads((p / EVAL_FILE).read_text())
+        except json.JSONDecodeError:
+            run.missing.append(f"{EVAL_FILE} is not valid JSON; eval scores left out")
+    return run
+
+
+def _checkpoint_config(p: Path) -> dict[str, Any] | None:
+    for c in sorted((p / "checkpoints").glob("step_*/train_config.json"), reverse=True):
+        try:
+            return json.loads(c.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)

@@ -234,3 +234,20 @@ def test_gsm8k_answer_rules():
     assert B.gsm8k_extract("about -1,000.5 dollars") == {"strict-match": "[invalid]", "flexible-extract": "-1,000.5"}
     assert B.gsm8k_exact_match("$1,000.", "steps\n#### 1000") == 1.0
     assert B.gsm8k_exact_match("[invalid]", "#### 3") == 0.0
+
+
+def test_cli_suite_prints_the_row_and_writes_json(lpair, files, tmp_path, capsys):
+    from growlm.cli import main
+
+    _, d = lpair
+    out = tmp_path / "lb.json"
+    rc = main(["eval", "--model", str(d), "--suite", "leaderboard", "--tasks", "truthfulqa_mc2,gsm8k",
+               "--data_dir", str(files), "--limit", "2", "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert list(res["row"]) == ["truthfulqa_mc2", "gsm8k"] and res["results"]["gsm8k"]["n"] == 2
+    assert len(res["samples"]["gsm8k"]) == 2 and "generation" in res["samples"]["gsm8k"][0]
+    text = capsys.readouterr().out
+    assert "seed card" in text and "40.71" in text
+    rc = main(["eval", "--model", str(d), "--tasks", "mmlu_anatomy", "--data_dir", str(files)])
+    assert rc == 2 and "anatomy_test.csv: missing MMLU subject file" in capsys.readouterr().err

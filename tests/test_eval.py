@@ -414,6 +414,7 @@ def test_cli_eval_writes_json_and_reports_user_errors(pair, tok, task_files, tmp
         direct["samples"]["wsc273"][0]["loglikelihoods"], abs=1e-5)
     assert "piqa" in capsys.readouterr().out
     assert main(["eval", "--model", str(d), "--tasks", "piqa", "--data_dir", str(tmp_path / "absent")]) == 2
+    assert main(["eval", "--model", str(d), "--tasks", "mmlu_nope", "--data_dir", str(task_files)]) == 2
     assert main(["eval", "--model", str(d), "--tasks", "mmlu", "--data_dir", str(task_files)]) == 2
     err = capsys.readouterr().err
-    assert "no such data directory" in err and "unknown task 'mmlu'" in err
+    assert "no such data directory" in err and "unknown task 'mmlu_nope'" in err and "no mmlu data under" in err

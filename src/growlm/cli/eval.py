@@ -12,17 +12,17 @@ from rich.console import Console
 from rich.table import Table
 
 from growlm.errors import GrowlmError
-from growlm.eval import evaluate
+from growlm.eval import SUITES, evaluate, evaluate_suite
 from growlm.io import atomic_write, parse_dtype
 from growlm.models.hf import load_model
 
-METRIC_ORDER = ("acc", "acc_norm", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte",
+METRIC_ORDER = ("acc", "acc_norm", "strict-match", "flexible-extract", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte",
                 "token_perplexity")
 
 
 def eval(  # noqa: A001 - the subcommand is called `eval`
     model: str = "smollm2-135m",
-    tasks: str = "hellaswag,piqa",
+    tasks: str | None = None,
     data_dir: str = ".",
     limit: int | None = None,
     num_fewshot: int = 0,
@@ -30,23 +30,29 @@ def eval(  # noqa: A001 - the subcommand is called `eval`
     dtype: str = "float32",
     seed: int = 1234,
     out: str | None = None,
+    suite: str | None = None,
 ) -> None:
     """Score a model on benchmark tasks the way lm-evaluation-harness does; print a table, write JSON.
 
-    Tasks: hellaswag, piqa, arc_easy, arc_challenge, sciq, winogrande, lambada_openai, wikitext, wsc273.
-    Each is read from --data-dir (or its subfolder named after the task family) in the Hugging Face
-    schema (jsonl/json/parquet) or the original release format.
+    Tasks: hellaswag, piqa, arc_easy, arc_challenge, sciq, winogrande, lambada_openai, wikitext, wsc273,
+    mmlu (57 subjects; or mmlu_<subject>), truthfulqa_mc1, truthfulqa_mc2, gsm8k. Each is read from
+    --data-dir (or its subfolder named after the task family) in the Hugging Face schema (jsonl/json/parquet)
+    or the original release format. `--suite leaderboard` runs the Open LLM Leaderboard row (ARC-Challenge
+    25-shot, HellaSwag 10, MMLU 5, TruthfulQA MC2 0, WinoGrande 5, GSM8K 5; --tasks picks a subset) and
+    prints it beside the seed model card's row.
 
     Args:
         model: preset name (smollm2-135m), model directory, .gguf file or hub id.
-        tasks: comma-separated task names.
+        tasks: comma-separated task names (default hellaswag,piqa; with --suite, the whole suite).
         data_dir: folder holding the task files (or one task file).
         limit: score only the first N documents of each task.
-        num_fewshot: examples drawn (seeded) from the task's own file and prepended to each prompt.
+        num_fewshot: examples prepended to each prompt: drawn (seeded) from the task's own file; MMLU takes the
+            first rows of each subject's dev file, GSM8K samples its train file. Ignored with --suite.
         batch_size: sequences per forward pass.
         dtype: float32, or bfloat16 (autocast; log-softmax stays float32).
         seed: few-shot sampling seed (the harness's default is 1234).
         out: JSON file for results and per-document scores; default: print only.
+        suite: 'leaderboard': each task with the leaderboard's few-shot count; --tasks (if given) a subset.
     """
     parse_dtype(dtype, ("float32", "bfloat16"))  # the compute dtype: weights stay float32
     if not Path(data_dir).expanduser().exists():
@@ -57,11 +63,21 @@ def eval(  # noqa: A001 - the subcommand is called `eval`
         raise GrowlmError(f"{model}: has no tokenizer; save one beside the weights")
     t_load = time.time() - t0
     t0 = time.time()
-    res = evaluate(m, tok, tasks, data_dir, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
-                   dtype=dtype, seed=seed)
+    if suite is not None:
+        if suite not in SUITES:
+            raise GrowlmError(f"unknown suite {suite!r}; choose from: {', '.join(SUITES)}")
+        res = evaluate_suite(m, tok, data_dir, suite, tasks, limit=limit, batch_size=batch_size, dtype=dtype,
+                             seed=seed)
+    else:
+        tasks = tasks or "hellaswag,piqa"
+        res = evaluate(m, tok, tasks, data_dir, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                       dtype=dtype, seed=seed)
     elapsed = time.time() - t0
+    if suite is not None:
+        _print_row(model, res, elapsed)
 
-    table = Table(title=f"{model} | {num_fewshot}-shot | {dtype} | {elapsed:.1f} s")
+    shots = "suite few-shot" if suite else f"{num_fewshot}-shot"
+    table = Table(title=f"{model} | {shots} | {dtype} | {elapsed:.1f} s")
     for col in ("task", "n", "metric", "value", "stderr"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")
     for name, r in res["results"].items():
@@ -71,6 +87,10 @@ def eval(  # noqa: A001 - the subcommand is called `eval`
                 label = f"{metric} ({r['tokenizer']})" if metric == "token_perplexity" else metric
                 table.add_row(name, str(r["n"]), label, f"{r[metric]:.4f}",
                               "" if se is None or math.isnan(se) else f"{se:.4f}")
+        for group, g in r.get("categories", {}).items():  # MMLU's categories
+            se = g["acc_stderr"]
+            table.add_row(f"{name}/{group}", str(g["n"]), "acc", f"{g['acc']:.4f}",
+                          "" if math.isnan(se) else f"{se:.4f}")
     Console().print(table)
     if out:
         payload = {"model": model, "tasks": tasks, "data_dir": str(data_dir), "limit": limit,
@@ -80,3 +100,18 @@ def eval(  # noqa: A001 - the subcommand is called `eval`
         p.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(p, json.dumps(payload, indent=1) + "\n")
         Console().print(f"wrote {p}")
+
+
+def _print_row(model: str, res: dict, elapsed: float) -> None:
+    """The suite's row (percent) beside the seed model card's."""
+    row = res["row"]
+    table = Table(title=f"{model} | {res['suite']} | {elapsed:.1f} s")
+    table.add_column("", justify="left")
+    for name, r in row.items():
+        table.add_column(f"{name} ({r['num_fewshot']}-shot)", justify="right")
+    table.add_column("average", justify="right")
+    table.add_row(model, *(f"{r['value']:.2f} ± {r['stderr']:.2f}" if not math.isnan(r["stderr"])
+                           else f"{r['value']:.2f}" for r in row.values()), f"{res['average']:.2f}")
+    table.add_row("items", *(str(r["n"]) for r in row.values()), "")
+    table.add_row("seed card", *(f"{res['seed_card'][n]:.2f}" for n in row), f"{res['seed_card_average']:.2f}")
+    Console().print(table)

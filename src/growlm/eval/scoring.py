@@ -195,7 +195,61 @@ def _run_packed(model: GPT, groups: list[tuple[list[_Req], int]], device) -> lis
     return out
 
 
-SHARING = ("packed", "cache", "none")
+def _run_rows(model: GPT, rows: list[tuple[list[int], list[_Req]]], device, cache: KVCache | None
+              ) -> list[list[tuple[float, bool]]]:
+    """Score requests that share one input row each: rows (tail tokens, members), right-padded, continuing
+    `cache` (expanded over the batch); member r scores its continuation at the row's last len(r.cont) positions."""
+    T = max(len(t) for t, _ in rows)
+    idx = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, (t, _) in enumerate(rows):
+        idx[b, : len(t)] = torch.tensor(t, dtype=torch.long)
+    h = model.hidden(idx.to(device), cache=cache.expand(len(rows)) if cache is not None else None)
+    b_idx, c_idx, tgt, owner = [], [], [], []
+    n = 0
+    for b, (t, members) in enumerate(rows):
+        for r in members:
+            b_idx += [b] * len(r.cont)
+            c_idx += range(len(t) - len(r.cont), len(t))
+            tgt += r.cont
+            owner += [n] * len(r.cont)
+            n += 1
+    lp, greedy = _score(model, h[b_idx, c_idx], torch.tensor(tgt, dtype=torch.long, device=device))
+    owner_t = torch.tensor(owner, device=device)
+    sums = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, owner_t, lp.double())
+    misses = torch.zeros(n, dtype=torch.long, device=device).index_add_(0, owner_t, (~greedy).long())
+    flat = [(float(s), bool(m == 0)) for s, m in zip(sums.tolist(), misses.tolist())]
+    out, k = [], 0
+    for _, members in rows:
+        out.append(flat[k: k + len(members)])
+        k += len(members)
+    return out
+
+
+def _score_prefixed(model: GPT, reqs: list[_Req], batch_size: int, device) -> list[tuple[float, bool]]:
+    """All requests' common input prefix (a task's few-shot preamble) runs once into a KV cache; requests
+    with the same remaining input (single-token choices of one question) share one row after it."""
+    p = min(_common_prefix([r.inp for r in reqs]), min(len(r.inp) - len(r.cont) for r in reqs)) if reqs else 0
+    cache = None
+    if p >= 1 and len(reqs) > 1:
+        cache = KVCache()
+        model.hidden(torch.tensor([reqs[0].inp[:p]], device=device), cache=cache)
+    else:
+        p = 0
+    by_tail: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, r in enumerate(reqs):
+        by_tail[tuple(r.inp[p:])].append(i)
+    tails = sorted(by_tail, key=lambda t: (-len(t), t))
+    out: list[tuple[float, bool] | None] = [None] * len(reqs)
+    for start in range(0, len(tails), batch_size):
+        chunk = tails[start: start + batch_size]
+        scored = _run_rows(model, [(list(t), [reqs[i] for i in by_tail[t]]) for t in chunk], device, cache)
+        for t, res in zip(chunk, scored):
+            for i, r in zip(by_tail[t], res):
+                out[i] = r
+    return out  # type: ignore[return-value]
+
+
+SHARING = ("packed", "cache", "none", "prefix")
 
 
 @torch.no_grad()
@@ -214,7 +268,9 @@ def loglikelihood_tokens(
     - "packed": one row per question, [prefix | choice 1 | choice 2 ...] with a mask that hides the choices
       from each other; rows of several questions are batched (`batch_size` continuations per pass);
     - "cache": the prefix runs once into a KVCache that is broadcast over the choices, one question per pass;
-    - "none": every request alone, the harness's way.
+    - "none": every request alone, the harness's way;
+    - "prefix": the common input prefix of all requests (a subject's few-shot preamble) runs once into a
+      KV cache and each distinct remainder is one row after it (`batch_size` rows per pass).
     Requests without a sibling are batched longest-first, right-padded, as the harness does.
     """
     if share_context is True or share_context is False:
@@ -231,6 +287,8 @@ def loglikelihood_tokens(
     model.eval()
     try:
         with _autocast(dtype, device):
+            if share_context == "prefix":
+                return _score_prefixed(model, reqs, batch_size, device)
             singles = list(range(len(reqs)))
             if share_context != "none":
                 by_ctx: dict[tuple[int, ...], list[int]] = defaultdict(list)

@@ -16,6 +16,7 @@ Parameter names (used by the HF weight maps and by the growth operators):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -304,25 +305,63 @@ class GPT(nn.Module):
         eos_token_id: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        prompt_lengths: list[int] | None = None,
+        stop: Callable[[int, list[int]], bool] | None = None,
     ) -> torch.Tensor:
-        """Extend `idx` (B, T) by up to `max_new_tokens`; temperature 0 is greedy."""
+        """Extend `idx` (B, T) by up to `max_new_tokens`; temperature 0 is greedy.
+
+        prompt_lengths: the rows of `idx` are left-padded to T and row b's prompt is its last
+            prompt_lengths[b] tokens; position ids start at 0 at each row's first real token and padding
+            is masked out, so every row continues exactly as it would alone.
+        stop: stop(row, new_tokens) -> True ends that row (stop strings); like EOS, an ended row is padded
+            with `eos_token_id` (or 0) and the loop ends when every row has ended.
+        """
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
-        if idx.shape[1] + max_new_tokens > self.config.block_size:
-            max_new_tokens = max(0, self.config.block_size - idx.shape[1])
+        B, T = idx.shape
+        lengths = torch.tensor(prompt_lengths if prompt_lengths is not None else [T] * B, device=idx.device)
+        if int(lengths.min()) < 1 or int(lengths.max()) > T:
+            raise ValueError(f"prompt lengths must be in 1..{T}, got {lengths.tolist()}")
+        if int(lengths.max()) + max_new_tokens > self.config.block_size:
+            max_new_tokens = max(0, self.config.block_size - int(lengths.max()))
+        padded = prompt_lengths is not None and bool((lengths < T).any())
+        pad = T - lengths  # (B,)
+        valid = torch.arange(T, device=idx.device)[None, :] >= pad[:, None]  # (B, T): real tokens
         cache = KVCache() if use_cache else None
         out = idx
         step_in = idx
-        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            logits = self(step_in if use_cache else out, cache=cache)[:, -1, :].float()
+        fill = eos_token_id if eos_token_id is not None else 0
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        new: list[list[int]] = [[] for _ in range(B)]
+        for step in range(max_new_tokens):
+            inp = step_in if use_cache else out
+            pos = mask = None
+            if padded:
+                n = inp.shape[1]
+                S = out.shape[1]
+                first = S - n  # absolute column of step_in's first token
+                pos = (torch.arange(first, S, device=idx.device)[None, :] - pad[:, None]).clamp(min=0)
+                keys = valid if S == T else torch.cat((valid, valid.new_ones(B, S - T)), 1)  # (B, S)
+                causal = torch.ones(n, S, dtype=torch.bool, device=idx.device).tril(diagonal=first)
+                # a padding query attends to itself only, so no attention row is empty
+                diag = torch.arange(first, S, device=idx.device)[:, None] == torch.arange(S, device=idx.device)
+                mask = (causal[None] & keys[:, None, :]) | diag[None]
+                mask = mask[:, None]  # (B, 1, n, S)
+            h = self.hidden(inp, pos=pos, mask=mask, cache=cache)[:, -1]
+            logits = F.linear(h, self.head_weight).float()  # the head on the last position only
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            nxt = torch.where(done, torch.full_like(nxt, fill), nxt)
             if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
                 done |= nxt == eos_token_id
+            if stop is not None:
+                for b, t in enumerate(nxt.tolist()):
+                    if not done[b]:
+                        new[b].append(t)
+                        if stop(b, new[b]):
+                            done[b] = True
             out = torch.cat((out, nxt[:, None]), dim=1)
             step_in = nxt[:, None]
-            if eos_token_id is not None and bool(done.all()):
+            if (eos_token_id is not None or stop is not None) and bool(done.all()):
                 break
         return out
 

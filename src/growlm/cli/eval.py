@@ -13,7 +13,7 @@ from rich.table import Table
 
 from growlm.errors import GrowlmError
 from growlm.eval import evaluate
-from growlm.io import atomic_write, parse_dtype
+from growlm.io import atomic_write, check_output, parse_dtype
 from growlm.models.hf import load_model
 
 METRIC_ORDER = ("acc", "acc_norm", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte",
@@ -30,6 +30,7 @@ def eval(  # noqa: A001 - the subcommand is called `eval`
     dtype: str = "float32",
     seed: int = 1234,
     out: str | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Score a model on benchmark tasks the way lm-evaluation-harness does; print a table, write JSON.
 
@@ -47,10 +48,13 @@ def eval(  # noqa: A001 - the subcommand is called `eval`
         dtype: float32, or bfloat16 (autocast; log-softmax stays float32).
         seed: few-shot sampling seed (the harness's default is 1234).
         out: JSON file for results and per-document scores; default: print only.
+        overwrite: replace an existing --out file (without it an existing one is refused before scoring).
     """
     parse_dtype(dtype, ("float32", "bfloat16"))  # the compute dtype: weights stay float32
     if not Path(data_dir).expanduser().exists():
         raise GrowlmError(f"{data_dir}: no such data directory (pass --data_dir with the task files)")
+    if out:
+        check_output(out, overwrite, kind="file")
     t0 = time.time()
     m, tok = load_model(model, torch.float32)
     if tok is None:

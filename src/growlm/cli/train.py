@@ -89,6 +89,8 @@ def train(
         if kind == "log":
             progress.update(task, completed=rec["step"])
             progress.console.print(format_line(rec, run.max_steps))
+        elif kind == "info":
+            progress.console.print(rec["message"])
         elif kind == "growth":
             progress.console.print(
                 f"[bold green]growth[/] step {rec['step']}: {rec['operator']} "

@@ -124,15 +124,25 @@ def verify_checkpoint(path: str | Path) -> str | None:
     return None
 
 
-def usable_checkpoint(ckpt_dir: str | Path) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint that verifies, and one line per newer one skipped (with the reason)."""
+def usable_checkpoint(ckpt_dir: str | Path, before: int | None = None) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that verifies (at a step below `before`, and not beyond the one latest.json
+    names: a diverged run points it back), and one line per newer one skipped (with the reason)."""
+    ptr = read_json(Path(ckpt_dir) / "latest.json")
+    limit = min(before - 1 if before is not None else 1 << 62, ptr["step"] if ptr else 1 << 62)
     skipped = []
     for p in reversed(list_checkpoints(ckpt_dir)):
+        if int(STEP_RE.match(p.name)[1]) > limit:
+            continue
         why = verify_checkpoint(p)
         if why is None:
             return p, skipped
         skipped.append(f"skipped checkpoint {p.name}: {why}")
     return None, skipped
+
+
+def point_latest(ckpt_dir: str | Path, path: Path) -> None:
+    """Make latest.json name `path` (a resume starts there and ignores newer checkpoints)."""
+    _write_json(Path(ckpt_dir) / "latest.json", {"name": path.name, "step": int(STEP_RE.match(path.name)[1])})
 
 
 def read_json(path: Path) -> Any:

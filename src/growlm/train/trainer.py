@@ -230,7 +230,7 @@ class Trainer:
             rec["skipped"] = True
             if st.nan_consecutive > r.max_nan_skips:
                 raise GrowlmError(f"loss is not finite at step {st.step + 1} ({st.nan_consecutive} steps in a row); "
-                                  f"{self._kept_checkpoint()}")
+                                  f"{self._keep_checkpoint_before(st.step + 2 - st.nan_consecutive - 1)}")
             return rec
         st.nan_consecutive = 0
         multiplied_step(self.optimizer, self.model, self.multipliers())
@@ -387,8 +387,9 @@ class Trainer:
                 self.grow_now(val)
             finite = self.state.nan_consecutive == 0 and (val is None or math.isfinite(val))
             if self.state.step == r.max_steps and not finite:
+                bad = self.state.step - self.state.nan_consecutive  # a non-finite val loss: this step's weights
                 raise GrowlmError(f"the run ended with a non-finite loss at step {self.state.step}; "
-                                  f"{self._kept_checkpoint()}")
+                                  f"{self._keep_checkpoint_before(bad)}")
             if finite and ((r.save_every and self.state.step % r.save_every == 0) or self.state.step == r.max_steps):
                 self.save(val)  # never from a non-finite streak: the last checkpoint before it is kept
             if stop_after is not None and self.state.step >= stop_after:
@@ -398,11 +399,15 @@ class Trainer:
             self._write_metrics({"kind": "retention", "step": self.state.step, **{f"retention_loss_{k}": v for k, v in self.state.retention.items()}})
         return TrainResult(self.model, self.state.step, self.state.last_val, self.state.base_val, self.state.events, self.state.retention, self.out_dir)
 
-    def _kept_checkpoint(self) -> str:
-        last = ckpt.latest(self.ckpt_dir)
-        if last is None:
+    def _keep_checkpoint_before(self, bad_from: int) -> str:
+        """After a non-finite streak: the weights from step `bad_from` on led into it (a skipped step does
+        not change them), so the newest checkpoint before that step becomes latest.json, what a resume takes."""
+        keep, _ = ckpt.usable_checkpoint(self.ckpt_dir, before=bad_from)
+        if keep is None:
             return "lower optim.lr or check the data (no checkpoint was written before it)"
-        return (f"the last checkpoint before it is kept: {last}; resume from it with a lower optim.lr "
+        if self.rank == 0:
+            ckpt.point_latest(self.ckpt_dir, keep)
+        return (f"the last checkpoint before it is kept: {keep}; resume from it with a lower optim.lr "
                 "(run.resume=true), or check the data")
 
     def _retention(self) -> float:

@@ -62,6 +62,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp.mkdir()  # 0o777 & ~umask, like save_pretrained's folders
     try:
         yield tmp
+        _apply_umask(tmp)
         if path.exists():
             old = _unique_sibling(path, "old")
             os.replace(path, old)
@@ -72,6 +73,20 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give everything in `folder` the modes a plain open()/mkdir would: some writers (safetensors' save_file)
+    create 0600 files whatever the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            p = os.path.join(root, f)
+            if not os.path.islink(p):
+                os.chmod(p, 0o666 & ~mask)
 
 
 def remove_stale_temporaries(folder: str | Path, names: tuple[str, ...] | None = None) -> list[Path]:

@@ -22,7 +22,9 @@ Growth during training (operators in `growlm.growth`):
 
 Non-finite loss policy: a step whose loss (or gradient norm) is NaN/inf is skipped (no update, its batch
 is consumed, the schedule advances); more than `max_nan_skips` consecutive skips stop the run with a
-GrowlmError (nothing is saved from the non-finite state).
+GrowlmError. Nothing is saved during a non-finite streak, and since a skipped step leaves the weights as
+they were, the weights saved just before the streak are the ones that led into it: latest.json is pointed
+at the newest checkpoint before them, which the error names and a resume (with a lower lr) starts from.
 """
 
 from __future__ import annotations

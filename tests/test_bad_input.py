@@ -20,9 +20,12 @@ from pathlib import Path
 import pytest
 
 from growlm.cli import main
+from growlm.errors import GrowlmError
 from growlm.models.hf import save_hf
 from growlm.models.model import GPT
 from growlm.models.tokenizer import train_bpe
+from growlm.train import GrowthConfig, OptimConfig, RegConfig, RunConfig, TrainConfig
+from growlm.train.data import DataConfig
 from tests.conftest import tiny_config
 
 WORDS = " ".join(f"word{j % 13} thing{j % 7}" for j in range(600))
@@ -250,3 +253,20 @@ def test_as_a_subprocess(name, good_model, tmp_path):
 def test_case_count_covers_every_command():
     assert len(CASES) >= 60
     assert {c[2][0] for c in CASES} >= {"convert", "grow", "tokenizer", "generate", "info", "perplexity", "eval", "train"}
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("optim", "betas", [0.9, 1.0]), ("optim", "eps", -1e-8), ("reg", "kd_temperature", 0.0),
+    ("run", "keep_last", 0), ("data", "seq_len", 0), ("growth", "gen_lr_mult", 2.0),
+])
+def test_library_yaml_and_cli_give_the_same_error(section, key, value, tmp_path, capsys, monkeypatch):
+    classes = {"optim": OptimConfig, "reg": RegConfig, "run": RunConfig, "data": DataConfig, "growth": GrowthConfig}
+    with pytest.raises(GrowlmError) as lib:
+        classes[section](**{key: tuple(value) if isinstance(value, list) else value})
+    with pytest.raises(GrowlmError) as yml:
+        TrainConfig.from_dict({section: {key: value}})
+    monkeypatch.chdir(tmp_path)
+    _make(tmp_path, {"c.yaml": _yaml(**{section: {key: value}})})
+    assert main(["train", "--config", "c.yaml"]) == 2
+    cli = capsys.readouterr().err.strip()
+    assert str(lib.value) == str(yml.value) and str(lib.value) in cli, (str(lib.value), cli)

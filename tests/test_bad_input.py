@@ -226,7 +226,9 @@ def _read_only_dir() -> Path | None:
     ["convert", "--model", "@good", "--out", "@ro/growlm-out"],
     ["grow", "--model", "@good", "--depth", "1", "--out", "@ro/growlm-out"],
     ["eval", "--model", "@good", "--tasks", "piqa", "--data_dir", ".", "--out", "@ro/res.json"],
-], ids=["convert", "grow", "eval"])
+    ["tokenizer", "--out", "@ro/tok", "--vocab_size", "300"],
+    ["train", "--model.name", "tiny-llama", "--model.init", "scratch", "--model.tokenizer", "bytes", "--run.out_dir", "@ro/run"],
+], ids=["convert", "grow", "eval", "tokenizer", "train"])
 def test_an_unwritable_output_is_refused_before_any_work(argv, good_model, tmp_path, capsys, monkeypatch):
     ro = _read_only_dir()
     if ro is None:

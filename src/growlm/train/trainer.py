@@ -231,8 +231,9 @@ class Trainer:
             st.nan_skips += 1
             rec["skipped"] = True
             if st.nan_consecutive > r.max_nan_skips:
+                first_bad = st.step + 2 - st.nan_consecutive  # the streak's first step; the weights it used came
                 raise GrowlmError(f"loss is not finite at step {st.step + 1} ({st.nan_consecutive} steps in a row); "
-                                  f"{self._keep_checkpoint_before(st.step + 2 - st.nan_consecutive - 1)}")
+                                  f"{self._keep_checkpoint_before(first_bad - 1)}")  # from the step before
             return rec
         st.nan_consecutive = 0
         multiplied_step(self.optimizer, self.model, self.multipliers())
@@ -389,7 +390,8 @@ class Trainer:
                 self.grow_now(val)
             finite = self.state.nan_consecutive == 0 and (val is None or math.isfinite(val))
             if self.state.step == r.max_steps and not finite:
-                bad = self.state.step - self.state.nan_consecutive  # a non-finite val loss: this step's weights
+                # streak: its first step used the weights of the step before; else (a non-finite val loss) this step's
+                bad = self.state.step - self.state.nan_consecutive
                 raise GrowlmError(f"the run ended with a non-finite loss at step {self.state.step}; "
                                   f"{self._keep_checkpoint_before(bad)}")
             if finite and ((r.save_every and self.state.step % r.save_every == 0) or self.state.step == r.max_steps):

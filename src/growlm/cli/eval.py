@@ -13,7 +13,7 @@ from rich.table import Table
 
 from growlm.errors import GrowlmError
 from growlm.eval import SUITES, evaluate, evaluate_suite
-from growlm.io import atomic_write, parse_dtype
+from growlm.io import atomic_write, check_output, parse_dtype
 from growlm.models.hf import load_model
 
 METRIC_ORDER = ("acc", "acc_norm", "strict-match", "flexible-extract", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte",
@@ -31,6 +31,7 @@ def eval(  # noqa: A001 - the subcommand is called `eval`
     seed: int = 1234,
     out: str | None = None,
     suite: str | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Score a model on benchmark tasks the way lm-evaluation-harness does; print a table, write JSON.
 
@@ -53,10 +54,17 @@ def eval(  # noqa: A001 - the subcommand is called `eval`
         seed: few-shot sampling seed (the harness's default is 1234).
         out: JSON file for results and per-document scores; default: print only.
         suite: 'leaderboard': each task with the leaderboard's few-shot count; --tasks (if given) a subset.
+        overwrite: replace an existing --out file (without it an existing one is refused before scoring).
     """
     parse_dtype(dtype, ("float32", "bfloat16"))  # the compute dtype: weights stay float32
     if not Path(data_dir).expanduser().exists():
         raise GrowlmError(f"{data_dir}: no such data directory (pass --data_dir with the task files)")
+    if batch_size < 1:
+        raise GrowlmError(f"batch_size must be >= 1, got {batch_size}")
+    if suite is not None and suite not in SUITES:
+        raise GrowlmError(f"unknown suite {suite!r}; choose from: {', '.join(SUITES)}")
+    if out:
+        check_output(out, overwrite, kind="file")
     t0 = time.time()
     m, tok = load_model(model, torch.float32)
     if tok is None:
@@ -64,8 +72,6 @@ def eval(  # noqa: A001 - the subcommand is called `eval`
     t_load = time.time() - t0
     t0 = time.time()
     if suite is not None:
-        if suite not in SUITES:
-            raise GrowlmError(f"unknown suite {suite!r}; choose from: {', '.join(SUITES)}")
         res = evaluate_suite(m, tok, data_dir, suite, tasks, limit=limit, batch_size=batch_size, dtype=dtype,
                              seed=seed)
     else:

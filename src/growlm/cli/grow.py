@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from growlm.errors import GrowlmError
 from growlm.growth import GrowthSpec, grow_many, with_vocab_sources
 from growlm.growth.factored import pack
-from growlm.io import atomic_dir, parse_dtype
+from growlm.io import atomic_dir, check_output, parse_dtype
 from growlm.models.hf import DEFAULT_MODEL, load_model, save_growlm, save_hf
 
 console = Console()
@@ -44,6 +44,7 @@ def grow(
     format: str = "hf",
     seed: int = 0,
     dtype: str = "float32",
+    overwrite: bool = False,
 ) -> None:
     """Grow a model and write it (depth first, then width, then vocabulary; each step is one generation).
 
@@ -67,13 +68,18 @@ def grow(
         format: 'hf' (transformers AutoModelForCausalLM) or 'growlm' (any architecture).
         seed: seed of the noise and random initialisation.
         dtype: float32 or float64 (the dtype the growth is done and saved in).
+        overwrite: replace an existing output directory (without it an existing --out is refused).
     """
     dt = parse_dtype(dtype, allowed=("float32", "float64"))
     if format not in ("hf", "growlm"):
         raise GrowlmError(f"format must be 'hf' or 'growlm', got {format!r}")
+    for name, v in (("depth", depth), ("factor", factor), ("width", width), ("heads", heads), ("kv_heads", kv_heads),
+                    ("ffn", ffn), ("head_dim", head_dim)):
+        if v is not None and v < (0 if name == "depth" else 1):
+            raise GrowlmError(f"--{name} must be {'>= 0' if name == 'depth' else 'a positive integer'}, got {v}")
     specs: list[GrowthSpec] = []
     if depth or layers:
-        specs.append(GrowthSpec(operator="stack" if stack else "depth", n=max(depth, 1), where=where,
+        specs.append(GrowthSpec(operator="stack" if stack else "depth", n=depth or 1, where=where,
                                 layers=layers, init=init))
     if factor or width or heads or kv_heads or ffn or head_dim:
         specs.append(GrowthSpec(operator="width", factor=factor, n_embd=width, n_head=heads, n_kv_head=kv_heads,
@@ -84,6 +90,7 @@ def grow(
         raise GrowlmError("nothing to grow: give --depth, --layers, --factor, --width, --heads, --kv_heads, --ffn, "
                           "--head_dim or --tokenizer")
 
+    check_output(out, overwrite)
     m, tok = load_model(model, dtype=dt)
     specs = [with_vocab_sources(s, m.config.vocab_size) for s in specs]  # depth and width keep the vocabulary
     m, results = grow_many(m, specs, seed=seed)  # rebinding `m` frees the input model

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Callable
 from growlm.cli import eval as cmd_eval
 from growlm.cli import grow as cmd_grow
@@ -43,22 +44,27 @@ def main(argv: list[str] | None = None) -> int:
         from jsonargparse import auto_cli
     except ImportError:  # older jsonargparse
         from jsonargparse import CLI as auto_cli
+    caught: list[warnings.WarningMessage] = []
     try:
-        _quiet_libraries()
-        _help_from_docstrings()
-        auto_cli(_commands(), args=argv, as_positional=False, parser_class=_parser_class(),
-                 description="growlm: grow, distil and continue pretraining small GPT-style models")
+        with warnings.catch_warnings(record=True) as caught:  # shown after a success, dropped with a refusal
+            _quiet_libraries()
+            _help_from_docstrings()
+            auto_cli(_commands(), args=argv, as_positional=False, parser_class=_parser_class(),
+                     description="growlm: grow, distil and continue pretraining small GPT-style models")
     except GrowlmError as e:
         print(f"growlm: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
-        print(f"growlm: error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+    except OSError as e:  # missing files, permissions, read-only or full file systems
+        where = f": {e.filename}" if e.filename else ""
+        print(f"growlm: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("growlm: interrupted", file=sys.stderr)
         return 130
     except SystemExit as e:  # argparse errors exit 2 after printing one usage error line
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     return 0
 
 

@@ -119,6 +119,8 @@ def train(
             rate = f"{rec['tok_s']:,.0f} tok/s" if rec.get("tok_s") else ""
             progress.update(bar("train", run.max_steps), completed=rec["step"], rate=rate)
             progress.console.print(format_line(rec, run.max_steps, now - t0, eta), highlight=False)
+        elif kind == "info":  # what a resume changed, which checkpoint it skipped: one line each
+            progress.console.print(rec["message"], highlight=False)
         elif kind == "growth":
             progress.console.print(
                 f"[bold green]growth[/] step {rec['step']}: {rec['operator']} "

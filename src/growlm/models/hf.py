@@ -354,7 +354,12 @@ def load_dir(d: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPT, An
             raw = json.loads((d / "config.json").read_text())
         except json.JSONDecodeError as e:
             raise GrowlmError(f"{d / 'config.json'}: not valid JSON ({e})") from None
-        cfg = config_from_hf(raw)
+        try:
+            cfg = config_from_hf(raw)
+        except GrowlmError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise GrowlmError(f"{d / 'config.json'}: bad model configuration ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         sd = state_dict_from_hf(_read_weights(d), cfg)
     else:
         raise GrowlmError(f"{d}: not a model directory (no config.json or {GROWLM_CONFIG})")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from growlm.errors import GrowlmError
+from growlm.io import read_text
 
 EOS = "<|endoftext|>"
 
@@ -24,7 +25,7 @@ EOS = "<|endoftext|>"
 def _texts(files_or_texts: Iterable[str | os.PathLike]) -> Iterator[str]:
     for item in files_or_texts:
         if isinstance(item, os.PathLike) or (isinstance(item, str) and len(item) < 4096 and "\n" not in item and os.path.isfile(item)):
-            yield Path(item).read_text(encoding="utf-8", errors="replace")
+            yield read_text(item)
         else:
             yield str(item)
 

@@ -9,15 +9,18 @@ Layout of `<run>/checkpoints/step_000120/` (nanochat-style: the checkpoint carri
   train_config.json                      the TrainConfig, compared on resume
   tensors-<group>.safetensors            generations, update scales, EWC Fisher and anchor
   teacher.safetensors, teacher_config.json   the pre-growth snapshot used by KD
+  manifest.json                          size and SHA-256 of every file above, written last
 A checkpoint is written into a temporary sibling folder and renamed into place (`growlm.io.atomic_dir`),
 so a run killed mid-write leaves the previous checkpoints intact; `latest.json` and `best.json` are
 replaced the same way (`growlm.io.atomic_write`). Only the `keep_last` newest checkpoints and the best
-one are kept. The RNG helpers capture and restore every generator an exact resume needs (Python, NumPy,
+one are kept. A resume takes the newest checkpoint whose manifest verifies (`usable_checkpoint`): a file
+damaged after the rename (a full disk, a bad copy) costs the steps since the previous one, not the run. The RNG helpers capture and restore every generator an exact resume needs (Python, NumPy,
 torch and CUDA); `truncate_metrics` drops metrics lines written after the checkpoint a run resumes from.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -73,6 +76,7 @@ def save_checkpoint(
         if teacher is not None:
             _save_tensors(teacher.state_dict(), tmp / "teacher.safetensors")
             teacher.config.save(tmp / "teacher_config.json")
+        (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1))  # last: it vouches for the rest
     final = ckpt_dir / name
     _write_json(ckpt_dir / "latest.json", {"name": name, "step": step})
     best = read_json(ckpt_dir / "best.json")
@@ -80,6 +84,65 @@ def save_checkpoint(
         _write_json(ckpt_dir / "best.json", {"name": name, "step": step, "val_loss": val_loss})
     prune(ckpt_dir, keep_last)
     return final
+
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    return {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None when every file the manifest lists is present with its size and hash; else the first problem.
+    A checkpoint written before manifests existed (no manifest.json) is taken as it is."""
+    path = Path(path)
+    m = path / MANIFEST
+    if not m.exists():
+        return None if (path / "train_config.json").exists() else "no manifest.json"
+    try:
+        files = json.loads(m.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "manifest.json is unreadable"
+    for name, rec in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != rec["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {rec['bytes']}"
+        if _sha256(f) != rec["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest"
+    return None
+
+
+def usable_checkpoint(ckpt_dir: str | Path, before: int | None = None) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that verifies (at a step below `before`, and not beyond the one latest.json
+    names: a diverged run points it back), and one line per newer one skipped (with the reason)."""
+    ptr = read_json(Path(ckpt_dir) / "latest.json")
+    limit = min(before - 1 if before is not None else 1 << 62, ptr["step"] if ptr else 1 << 62)
+    skipped = []
+    for p in reversed(list_checkpoints(ckpt_dir)):
+        if int(STEP_RE.match(p.name)[1]) > limit:
+            continue
+        why = verify_checkpoint(p)
+        if why is None:
+            return p, skipped
+        skipped.append(f"skipped checkpoint {p.name}: {why}")
+    return None, skipped
+
+
+def point_latest(ckpt_dir: str | Path, path: Path) -> None:
+    """Make latest.json name `path` (a resume starts there and ignores newer checkpoints)."""
+    _write_json(Path(ckpt_dir) / "latest.json", {"name": path.name, "step": int(STEP_RE.match(path.name)[1])})
 
 
 def read_json(path: Path) -> Any:
@@ -174,9 +237,20 @@ def restore_rng(host: dict[str, Any], torch_rng: dict[str, Any]) -> None:
     torch.set_rng_state(torch_rng["torch"])
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the metrics lines of steps <= `step` (those written after a checkpoint are redone)."""
+def truncate_metrics(path: Path, step: int) -> str | None:
+    """Keep only the metrics lines of steps <= `step` (those written after a checkpoint are redone). A torn
+    last line (a run killed mid-write) is dropped; returns a line saying so, else None."""
     if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        return None
+    lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    recs, note = [], None
+    for i, ln in enumerate(lines):
+        try:
+            recs.append((ln, json.loads(ln)))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise GrowlmError(f"{path}:{i + 1}: not valid JSON (only a torn last line is dropped on resume)") from None
+            note = f"dropped a torn last line of {path} ({len(ln)} characters)"
+    keep = [ln for ln, rec in recs if not isinstance(rec, dict) or rec.get("step", 0) <= step]
     atomic_write(path, "".join(ln + "\n" for ln in keep))
+    return note

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -60,6 +61,15 @@ class OptimConfig:
             raise GrowlmError(f"optim: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
         if self.warmup_steps < 0:
             raise GrowlmError("optim.warmup_steps must be >= 0")
+        _finite("optim", lr=self.lr, min_lr=self.min_lr, eps=self.eps, weight_decay=self.weight_decay,
+                grad_clip=self.grad_clip)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise GrowlmError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.eps <= 0:
+            raise GrowlmError(f"optim.eps must be > 0, got {self.eps}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise GrowlmError(f"optim: need weight_decay >= 0 and grad_clip >= 0 (0 = off), got "
+                              f"weight_decay={self.weight_decay}, grad_clip={self.grad_clip}")
 
 
 @dataclass
@@ -103,8 +113,17 @@ class GrowthConfig:
             raise GrowlmError("growth.operators is empty: give at least one operator, e.g. [{operator: depth}]")
         if not 0 <= self.gen_lr_mult <= 1:
             raise GrowlmError(f"growth.gen_lr_mult must be in [0, 1], got {self.gen_lr_mult}")
+        if (self.start is not None and self.start < 0) or any(s < 0 for s in self.steps) or self.new_warmup_steps < 0:
+            raise GrowlmError("growth: start, steps and new_warmup_steps must be >= 0")
+        _finite("growth", min_delta=self.min_delta)
         # mappings (YAML, JSON, Python callers) become typed specs here: bad ones fail before training
         self.operators = [_spec(op) for op in self.operators]
+
+
+def _finite(section: str, **values: float) -> None:
+    for k, v in values.items():
+        if not math.isfinite(v):
+            raise GrowlmError(f"{section}.{k} must be a finite number, got {v}")
 
 
 def _spec(op: Any) -> GrowthSpec:
@@ -129,6 +148,15 @@ class RegConfig:
     """Training sequences used for the Fisher at each growth event."""
     ewc_fisher: Literal["empirical", "true"] = "empirical"
     """'empirical' = gold next tokens; 'true' = labels sampled from the model."""
+
+    def __post_init__(self) -> None:
+        _finite("reg", kd_weight=self.kd_weight, kd_temperature=self.kd_temperature, ewc_lambda=self.ewc_lambda)
+        if self.kd_weight < 0 or self.ewc_lambda < 0:
+            raise GrowlmError(f"reg: kd_weight and ewc_lambda must be >= 0, got {self.kd_weight}, {self.ewc_lambda}")
+        if self.kd_temperature <= 0:
+            raise GrowlmError(f"reg.kd_temperature must be > 0, got {self.kd_temperature}")
+        if self.ewc_samples < 1:
+            raise GrowlmError(f"reg.ewc_samples must be >= 1, got {self.ewc_samples}")
 
 
 @dataclass
@@ -169,6 +197,18 @@ class RunConfig:
     """Blocks of held-out non-Shakespeare text (Python's language reference) scored at start and end (0 = off)."""
     peak_flops: float | None = None
     """Matmul peak for MFU in FLOP/s; None = measure once and cache, 0 = no MFU."""
+    overwrite: bool = False
+    """Start afresh in an out_dir that already holds a run (its metrics, checkpoints and hf/ are replaced)."""
+
+    def __post_init__(self) -> None:
+        if min(self.max_steps, self.micro_batch, self.grad_accum, self.eval_every, self.log_every, self.keep_last) < 1:
+            raise GrowlmError("run: max_steps, micro_batch, grad_accum, eval_every, log_every and keep_last must be >= 1")
+        if min(self.save_every, self.max_nan_skips, self.retention_blocks) < 0:
+            raise GrowlmError("run: save_every, max_nan_skips and retention_blocks must be >= 0")
+        if self.peak_flops is not None and not (self.peak_flops >= 0 and math.isfinite(self.peak_flops)):
+            raise GrowlmError(f"run.peak_flops must be >= 0, got {self.peak_flops}")
+        if self.resume and self.overwrite:
+            raise GrowlmError("run.resume and run.overwrite exclude each other: continue the run or replace it")
 
 
 @dataclass
@@ -181,11 +221,6 @@ class TrainConfig:
     growth: GrowthConfig = field(default_factory=GrowthConfig)
     reg: RegConfig = field(default_factory=RegConfig)
     run: RunConfig = field(default_factory=RunConfig)
-
-    def __post_init__(self) -> None:
-        r = self.run
-        if r.max_steps < 1 or r.micro_batch < 1 or r.grad_accum < 1 or r.eval_every < 1 or r.log_every < 1:
-            raise GrowlmError("run: max_steps, micro_batch, grad_accum, eval_every and log_every must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -210,9 +245,24 @@ class TrainConfig:
         return cls(**kw)
 
 
-# Fields that may differ when resuming (they do not change the computation).
-RESUME_MAY_DIFFER = {("run", "resume"), ("run", "log_every"), ("run", "peak_flops"), ("run", "export_hf"),
-                     ("run", "keep_last"), ("run", "save_every"), ("data", "cache_dir"), ("run", "device")}
+# Fields that may differ when resuming without a word (they do not change the computation).
+RESUME_MAY_DIFFER = {("run", "resume"), ("run", "peak_flops"), ("run", "export_hf"), ("run", "overwrite"),
+                     ("run", "keep_last"), ("data", "cache_dir"), ("run", "device")}
+# Fields that may change on resume, each reported in one line: the run's location (folders move), the learning
+# rate and schedule length (the way out of a diverged run), and the eval / save / log cadence.
+RESUME_MAY_CHANGE = {("run", "out_dir"), ("optim", "lr"), ("optim", "min_lr"), ("run", "max_steps"),
+                     ("run", "eval_every"), ("run", "save_every"), ("run", "log_every")}
+
+
+def resume_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'section.key X -> Y' for every RESUME_MAY_CHANGE field that differs (a checkpoint found under out_dir
+    is this run, wherever the folder lies now, so out_dir only changes with a note)."""
+    out = []
+    for sec, k in sorted(RESUME_MAY_CHANGE):
+        va, vb = saved.get(sec, {}).get(k), current.get(sec, {}).get(k)
+        if va != vb:
+            out.append(f"{sec}.{k} {va!r} -> {vb!r}")
+    return out
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -221,7 +271,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     for sec in sorted(set(saved) | set(current)):
         a, b = saved.get(sec, {}), current.get(sec, {})
         for k in sorted(set(a) | set(b)):
-            if (sec, k) in RESUME_MAY_DIFFER:
+            if (sec, k) in RESUME_MAY_DIFFER or (sec, k) in RESUME_MAY_CHANGE:
                 continue
             va, vb = a.get(k), b.get(k)
             if (sec, k) == ("growth", "operators"):  # given keys or all fields: the same specs compare equal

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from growlm.errors import GrowlmError
-from growlm.io import atomic_dir
+from growlm.io import atomic_dir, read_text
 from growlm.models.assets import shakespeare_files
 from growlm.models.assets import cache_dir
 
@@ -76,18 +76,17 @@ class Document:
 # -- reading ------------------------------------------------------------------------------------------
 def _read_jsonl(path: Path, field: str) -> list[Document]:
     docs = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise GrowlmError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or field not in rec:
-                raise GrowlmError(f"{path}:{i + 1}: record has no field {field!r} (set data.text_field)")
-            docs.append(Document(f"{path.name}:{i}", str(rec[field])))
+    for i, line in enumerate(read_text(path).splitlines()):  # read_text refuses a binary file
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GrowlmError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or field not in rec:
+            raise GrowlmError(f"{path}:{i + 1}: record has no field {field!r} (set data.text_field)")
+        docs.append(Document(f"{path.name}:{i}", str(rec[field])))
     return docs
 
 
@@ -106,7 +105,7 @@ def _read_file(path: Path, field: str) -> list[Document]:
         return _read_jsonl(path, field)
     if suffix in PARQUET_SUFFIXES:
         return _read_parquet(path, field)
-    return [Document(path.name, path.read_text(encoding="utf-8", errors="replace"))]
+    return [Document(path.name, read_text(path))]
 
 
 def data_files(path: str | None) -> list[Path]:

@@ -22,7 +22,9 @@ Growth during training (operators in `growlm.growth`):
 
 Non-finite loss policy: a step whose loss (or gradient norm) is NaN/inf is skipped (no update, its batch
 is consumed, the schedule advances); more than `max_nan_skips` consecutive skips stop the run with a
-GrowlmError (nothing is saved from the non-finite state).
+GrowlmError. Nothing is saved during a non-finite streak, and since a skipped step leaves the weights as
+they were, the weights saved just before the streak are the ones that led into it: latest.json is pointed
+at the newest checkpoint before them, which the error names and a resume (with a lower lr) starts from.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import importlib.metadata
 import copy
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,13 +46,13 @@ import torch.nn.functional as F
 
 from growlm.errors import GrowlmError
 from growlm.growth import grow, with_vocab_sources
-from growlm.io import parse_dtype
+from growlm.io import check_writable, parse_dtype, remove_stale_temporaries
 from growlm.models.hf import save_hf
 from growlm.models.model import GPT
 from growlm.train import checkpoint as ckpt
 from growlm.train import parallel
 from growlm.train.build import check_inputs, setup
-from growlm.train.config import TrainConfig, comparable, config_differences
+from growlm.train.config import TrainConfig, comparable, config_differences, resume_changes
 from growlm.train.data import BlockSampler, PackedData, prepare_data, retention_text, stack_blocks, text_blocks
 from growlm.train.flops import executed_flops_per_token
 from growlm.train.optim import (build_optimizer, freeze_zero_update, lr_at, multiplied_step, transfer_adamw_state,
@@ -74,20 +77,38 @@ Callback = Callable[[str, dict[str, Any]], None]
 ({"task": "tokenise" | "eval", "done": n, "total": N}: for progress bars, never logged)."""
 
 
-def resume_point(cfg: TrainConfig) -> Path | None:
-    """The checkpoint to resume from (run.resume), after checking that its config matches; None for a
-    fresh run, which must not write into a folder that already holds checkpoints."""
-    ckpt_dir = Path(cfg.run.out_dir) / "checkpoints"
+RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "hf")
+"""What a run writes into run.out_dir; a fresh run refuses a folder holding any of them (run.overwrite)."""
+
+
+def resume_point(cfg: TrainConfig, notes: list[str] | None = None) -> Path | None:
+    """The checkpoint to resume from (run.resume): the newest one whose manifest verifies, after checking
+    that its config matches (location and the fields `resume_changes` lists may differ; `notes` gets one
+    line per skipped checkpoint and per changed field). None for a fresh run, which must not write into a
+    folder that already holds a run unless run.overwrite is set."""
+    out = Path(cfg.run.out_dir)
+    ckpt_dir = out / "checkpoints"
+    if out.exists() and not out.is_dir():
+        raise GrowlmError(f"run.out_dir {out} exists and is not a folder; choose another run.out_dir")
+    check_writable(ckpt_dir)
     if not cfg.run.resume:
-        if ckpt.latest(ckpt_dir) is not None:
-            raise GrowlmError(f"{ckpt_dir} already holds checkpoints; set run.resume=true or choose another run.out_dir")
+        held = [n for n in RUN_OUTPUTS if (out / n).exists()]
+        if held and not cfg.run.overwrite:
+            what = "checkpoints" if ckpt.list_checkpoints(ckpt_dir) else " and ".join(held)
+            raise GrowlmError(f"{out} already holds {what} of a run; set run.resume=true to continue it, "
+                              "run.overwrite=true to replace it, or choose another run.out_dir")
         return None
-    path = ckpt.latest(ckpt_dir)
+    path, skipped = ckpt.usable_checkpoint(ckpt_dir)
     if path is None:
-        raise GrowlmError(f"run.resume is set but {ckpt_dir} holds no checkpoint")
-    diff = config_differences(ckpt.read_train_config(path), comparable(cfg.to_dict()))
+        why = f" ({skipped[0]})" if skipped else ""
+        raise GrowlmError(f"run.resume is set but {ckpt_dir} holds no usable checkpoint{why}")
+    saved, now = ckpt.read_train_config(path), comparable(cfg.to_dict())
+    diff = config_differences(saved, now)
     if diff:
         raise GrowlmError(f"cannot resume {path}: config differs ({'; '.join(diff[:3])})")
+    if notes is not None:
+        notes.extend(skipped)
+        notes.extend(f"resuming {path.name} with {c}" for c in resume_changes(saved, now))
     return path
 
 
@@ -105,8 +126,13 @@ class Trainer:
         self.out_dir = Path(r.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / "metrics.jsonl"
-        resume_from = resume_point(cfg)
+        notes: list[str] = []
+        resume_from = resume_point(cfg, notes)
         check_inputs(cfg, model, tokenizer)
+        if self.rank == 0:
+            self._clean_run_folder(fresh=resume_from is None)
+        for n in notes:
+            self.callback("info", {"message": n})
         self.tokenizer, self.data = tokenizer, data
         self.model = model.to(device=self.device, dtype=self.dtype)
         n_val = data.n_blocks("val", cfg.data.seq_len)
@@ -120,6 +146,15 @@ class Trainer:
         if resume_from is not None:
             self._load(resume_from)
         self.ddp = parallel.wrap(self.model, self.world, self.device)
+
+    def _clean_run_folder(self, fresh: bool) -> None:
+        """Remove what interrupted writes left (`.step_*.tmp*`, `.hf.tmp*`, ...); on an overwrite, the old run."""
+        remove_stale_temporaries(self.ckpt_dir)
+        remove_stale_temporaries(self.out_dir, names=RUN_OUTPUTS)
+        if fresh and self.cfg.run.overwrite:
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+            if self.metrics_path.exists():
+                self.metrics_path.unlink()
 
     def _fresh_state(self) -> TrainState:
         g = self.cfg.growth
@@ -198,10 +233,9 @@ class Trainer:
             st.nan_skips += 1
             rec["skipped"] = True
             if st.nan_consecutive > r.max_nan_skips:
-                raise GrowlmError(
-                    f"loss is not finite at step {st.step + 1} ({st.nan_consecutive} steps in a row); "
-                    f"lower optim.lr or check the data (last good checkpoint kept in {self.ckpt_dir})"
-                )
+                first_bad = st.step + 2 - st.nan_consecutive  # the streak's first step; the weights it used came
+                raise GrowlmError(f"loss is not finite at step {st.step + 1} ({st.nan_consecutive} steps in a row); "
+                                  f"{self._keep_checkpoint_before(first_bad - 1)}")  # from the step before
             return rec
         st.nan_consecutive = 0
         multiplied_step(self.optimizer, self.model, self.multipliers())
@@ -362,8 +396,14 @@ class Trainer:
                 self.callback("log", rec)
             if self.growth_due(val):
                 self.grow_now(val)
-            if (r.save_every and self.state.step % r.save_every == 0) or self.state.step == r.max_steps:
-                self.save(val)
+            finite = self.state.nan_consecutive == 0 and (val is None or math.isfinite(val))
+            if self.state.step == r.max_steps and not finite:
+                # streak: its first step used the weights of the step before; else (a non-finite val loss) this step's
+                bad = self.state.step - self.state.nan_consecutive
+                raise GrowlmError(f"the run ended with a non-finite loss at step {self.state.step}; "
+                                  f"{self._keep_checkpoint_before(bad)}")
+            if finite and ((r.save_every and self.state.step % r.save_every == 0) or self.state.step == r.max_steps):
+                self.save(val)  # never from a non-finite streak: the last checkpoint before it is kept
             if stop_after is not None and self.state.step >= stop_after:
                 break
         if self.state.step == r.max_steps and r.retention_blocks > 0:
@@ -376,6 +416,17 @@ class Trainer:
                                  "peak_mem_mb": parallel.peak_memory_mb(self.device), "val_loss": self.state.last_val,
                                  "best_val_loss": self.state.best_val})
         return TrainResult(self.model, self.state.step, self.state.last_val, self.state.base_val, self.state.events, self.state.retention, self.out_dir)
+
+    def _keep_checkpoint_before(self, bad_from: int) -> str:
+        """After a non-finite streak: the weights from step `bad_from` on led into it (a skipped step does
+        not change them), so the newest checkpoint before that step becomes latest.json, what a resume takes."""
+        keep, _ = ckpt.usable_checkpoint(self.ckpt_dir, before=bad_from)
+        if keep is None:
+            return "lower optim.lr or check the data (no checkpoint was written before it)"
+        if self.rank == 0:
+            ckpt.point_latest(self.ckpt_dir, keep)
+        return (f"the last checkpoint before it is kept: {keep}; resume from it with a lower optim.lr "
+                "(run.resume=true), or check the data")
 
     def _retention(self) -> float:
         blocks = text_blocks(retention_text(), self.tokenizer, self.cfg.data.seq_len, self.cfg.run.retention_blocks)
@@ -398,7 +449,13 @@ class Trainer:
         return path
 
     def _load(self, path: Path) -> None:
-        c = ckpt.load_checkpoint(path, device=self.device)
+        try:
+            c = ckpt.load_checkpoint(path, device=self.device)
+        except GrowlmError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a checkpoint without a manifest (older growlm) read badly
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise GrowlmError(f"cannot read checkpoint {path} ({msg}); move it aside to resume from an older one") from None
         s = c["state"]
         if s.get("world", 1) != self.world:
             raise GrowlmError(f"cannot resume {path}: it was written by {s.get('world')} processes, now {self.world}")
@@ -413,7 +470,9 @@ class Trainer:
         self._rebuild_optimizer()
         self.optimizer.load_state_dict(c["optimizer"])
         if self.rank == 0:
-            ckpt.truncate_metrics(self.metrics_path, self.state.step)
+            note = ckpt.truncate_metrics(self.metrics_path, self.state.step)
+            if note:
+                self.callback("info", {"message": note})
 
 
 def _loss_dtype(t: torch.Tensor) -> torch.dtype:
@@ -436,7 +495,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None, model: GPT | None 
     """Run a TrainConfig to the end and export the final model (rank 0) as a Hugging Face directory.
     Builds the model, tokenizer and data from the config unless they are given."""
     if model is None:
-        resume_point(cfg)  # a config that cannot resume fails before anything is loaded
+        resume_point(cfg)  # a config that cannot resume (or a run folder it may not write) fails before loading
         progress = None if callback is None else (lambda d, n: callback("progress", {"task": "tokenise", "done": d, "total": n}))
         model, tokenizer, data = setup(cfg, progress)
     elif data is None:

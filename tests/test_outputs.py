@@ -74,5 +74,6 @@ def test_run_overwrite_replaces_a_finished_run(tmp_path, capsys, monkeypatch, um
     assert "run.overwrite" in capsys.readouterr().err
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == first
     assert main(["train", "--config", "c.yaml", "--run.overwrite", "true", "--run.max_steps", "3"]) == 0
-    steps = [json.loads(ln)["step"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [0, 1, 2, 3]
+    recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [0, 1, 2, 3]  # replaced, not appended
+    assert [r["kind"] for r in recs].count("run") == 2  # one start and one end line: a single segment

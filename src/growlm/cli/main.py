@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {e.filename}" if e.filename else ""
         print(f"growlm: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("growlm: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a command may say what it kept and how to continue
+        print(f"growlm: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
         return 130
     except SystemExit as e:  # argparse errors exit 2 after printing one usage error line
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)

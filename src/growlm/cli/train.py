@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import sys
+from pathlib import Path
 import time
 
 from rich import box
@@ -20,6 +22,7 @@ from rich.table import Table
 
 from growlm.report import load_run, write_card
 from growlm.train import GrowthConfig, ModelSource, OptimConfig, RegConfig, RunConfig, TrainConfig
+from growlm.train import checkpoint as ckpt
 from growlm.train import train as run_training
 from growlm.train.data import DataConfig
 from growlm.train.parallel import dist_info
@@ -65,6 +68,22 @@ def growth_table(events: list[dict]) -> Table:
                   f"{e['params_added']:,}", f"{e['trainable_params']:,}", f"{e['val_loss_before']:.6f}",
                   f"{e['val_loss_after']:.6f}", f"{e['val_loss_delta']:+.2e}")
     return t
+
+
+def interrupted_message(cfg: TrainConfig, argv: list[str]) -> str:
+    """What a Ctrl-C kept and the command that continues from it (one line)."""
+    kept = ckpt.latest(Path(cfg.run.out_dir) / "checkpoints")
+    if kept is None:
+        return f"interrupted before the first checkpoint; nothing to resume in {cfg.run.out_dir}"
+    args, skip = [], False
+    for a in argv:  # drop any --run.resume VALUE / --run.resume=VALUE: the command below sets it
+        if skip or a.startswith("--run.resume="):
+            skip = False
+            continue
+        skip = a == "--run.resume"
+        if not skip:
+            args.append(a)
+    return f"interrupted; kept {kept}; resume with: {shlex.join(['growlm', *args, '--run.resume', 'true'])}"
 
 
 def train(
@@ -128,8 +147,11 @@ def train(
                 f"val loss {rec['val_loss_before']:.6f} -> {rec['val_loss_after']:.6f} (delta {rec['val_loss_delta']:+.2e})"
             )
 
-    with progress:
-        res = run_training(cfg, callback=on)
+    try:
+        with progress:
+            res = run_training(cfg, callback=on)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_message(cfg, sys.argv[1:])) from None
     if not rank0:
         return
     elapsed = time.perf_counter() - t0

@@ -1,7 +1,7 @@
 """MMLU, TruthfulQA MC1/MC2, GSM8K and the Open LLM Leaderboard (v1) suite, scored as lm-eval 0.4.13 does.
 
 `evaluate` takes every task name: the zero-shot/few-shot log-likelihood tasks of `growlm.eval.tasks` go to
-`growlm.eval.scoring.evaluate`; the ones here are:
+`growlm.eval.scoring.evaluate_loglikelihood_tasks`; the ones here are:
 - `mmlu` (all 57 subjects) or `mmlu_<subject>`: the default template, choices " A".." D", few-shot = the first
   `num_fewshot` rows of the subject's dev file after the subject's description (sampler first_n); acc per
   subject, and per category and overall weighted by size (the harness's group score), with the harness's
@@ -191,8 +191,9 @@ def evaluate(
     max_length: int | None = None,
     share_context: str = "packed",
 ) -> dict:
-    """Score tasks read from local files the way lm-evaluation-harness does (`growlm.eval.scoring.evaluate`
-    for the log-likelihood tasks, this module for mmlu, truthfulqa_mc1/mc2 and gsm8k).
+    """Score tasks read from local files the way lm-evaluation-harness does
+    (`growlm.eval.scoring.evaluate_loglikelihood_tasks` for the log-likelihood tasks, this module for mmlu,
+    truthfulqa_mc1/mc2 and gsm8k).
 
     Returns {"results": {task: metrics}, "samples": {task: per-document scores}}.
     """
@@ -207,8 +208,8 @@ def evaluate(
     results, samples = {}, {}
     for name in names:
         if name in TASKS:
-            out = scoring.evaluate(model, tokenizer, [name], data_dir, limit, num_fewshot, batch_size, dtype, seed,
-                                   max_length, share_context)
+            out = scoring.evaluate_loglikelihood_tasks(model, tokenizer, [name], data_dir, limit, num_fewshot,
+                                                       batch_size, dtype, seed, max_length, share_context)
             res, smp = out["results"][name], out["samples"][name]
         elif name == "mmlu" or name.startswith("mmlu_"):
             subjects = list(B.MMLU_SUBJECTS) if name == "mmlu" else [name[5:]]

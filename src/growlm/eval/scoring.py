@@ -456,7 +456,7 @@ def _argmax(xs: Sequence[float]) -> int:
     return max(range(len(xs)), key=lambda i: xs[i])  # first maximum, as numpy.argmax
 
 
-def evaluate(
+def evaluate_loglikelihood_tasks(
     model: GPT,
     tokenizer,
     tasks: str | Sequence[str],

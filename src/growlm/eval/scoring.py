@@ -183,16 +183,7 @@ def _run_packed(model: GPT, groups: list[tuple[list[_Req], int]], device) -> lis
             tgt += r.cont
             owner += [n] * len(cs)
             n += 1
-    lp, greedy = _score(model, h[b_idx, c_idx], torch.tensor(tgt, dtype=torch.long, device=device))
-    owner_t = torch.tensor(owner, device=device)
-    sums = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, owner_t, lp.double())
-    misses = torch.zeros(n, dtype=torch.long, device=device).index_add_(0, owner_t, (~greedy).long())
-    flat = [(float(s), bool(m == 0)) for s, m in zip(sums.tolist(), misses.tolist())]
-    out, k = [], 0
-    for members, _ in groups:
-        out.append(flat[k: k + len(members)])
-        k += len(members)
-    return out
+    return _per_request(model, h, b_idx, c_idx, tgt, owner, [len(m) for m, _ in groups], device)
 
 
 def _run_rows(model: GPT, rows: list[tuple[list[int], list[_Req]]], device, cache: KVCache | None
@@ -213,15 +204,23 @@ def _run_rows(model: GPT, rows: list[tuple[list[int], list[_Req]]], device, cach
             tgt += r.cont
             owner += [n] * len(r.cont)
             n += 1
+    return _per_request(model, h, b_idx, c_idx, tgt, owner, [len(m) for _, m in rows], device)
+
+
+def _per_request(model: GPT, h: torch.Tensor, b_idx: list[int], c_idx: list[int], tgt: list[int], owner: list[int],
+                 sizes: list[int], device) -> list[list[tuple[float, bool]]]:
+    """(log p sum, is_greedy) per request from the hidden states at (b_idx, c_idx) predicting `tgt`;
+    `owner` says which request each position belongs to, `sizes` how many requests each group holds."""
     lp, greedy = _score(model, h[b_idx, c_idx], torch.tensor(tgt, dtype=torch.long, device=device))
     owner_t = torch.tensor(owner, device=device)
+    n = sum(sizes)
     sums = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, owner_t, lp.double())
     misses = torch.zeros(n, dtype=torch.long, device=device).index_add_(0, owner_t, (~greedy).long())
     flat = [(float(s), bool(m == 0)) for s, m in zip(sums.tolist(), misses.tolist())]
     out, k = [], 0
-    for _, members in rows:
-        out.append(flat[k: k + len(members)])
-        k += len(members)
+    for size in sizes:
+        out.append(flat[k: k + size])
+        k += size
     return out
 
 

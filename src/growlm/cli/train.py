@@ -15,11 +15,9 @@ from pathlib import Path
 import time
 
 from rich import box
-from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
 from rich.table import Table
 
+from growlm.cli.progress import ProgressDisplay, hms, make_console
 from growlm.report import load_run, write_card
 from growlm.train import GrowthConfig, ModelSource, OptimConfig, RegConfig, RunConfig, TrainConfig
 from growlm.train import checkpoint as ckpt
@@ -27,12 +25,7 @@ from growlm.train import train as run_training
 from growlm.train.data import DataConfig
 from growlm.train.parallel import dist_info
 
-console = Console() if sys.stdout.isatty() else Console(width=150)
-
-
-def hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+console = make_console()
 
 
 def format_line(rec: dict, max_steps: int, elapsed: float | None = None, eta: float | None = None) -> str:
@@ -107,48 +100,35 @@ def train(
     """
     cfg = TrainConfig(model=model, data=data, optim=optim, growth=growth, reg=reg, run=run)
     rank0 = int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK; the process group starts in the Trainer
-    progress = Progress(TextColumn("[bold]{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[rate]:>14}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                        console=console, transient=True, disable=not rank0 or not console.is_terminal)
-    bars: dict[str, TaskID] = {}
+    display = ProgressDisplay(console, enabled=rank0)
     t0 = time.perf_counter()
     first: list[tuple[int, float]] = []  # (step, time) of the first logged step: the base of the ETA (setup excluded)
-
-    def bar(name: str, total: int) -> TaskID:
-        if name not in bars:
-            bars[name] = progress.add_task(name, total=total, rate="")
-        return bars[name]
 
     def on(kind: str, rec: dict) -> None:
         if dist_info()[0] != 0:
             return
-        if kind == "progress":  # tokenising the corpus, evaluating: bars only (terminals), never the log
-            b = bar(rec["task"], rec["total"])
-            unit = "docs" if rec["task"] == "tokenise" else "batches"
-            el = progress.tasks[b].elapsed or 0.0
-            rate = f"{rec['done'] / el:,.1f} {unit}/s" if el > 0 else ""
-            progress.update(b, completed=rec["done"], total=rec["total"], rate=rate, visible=rec["done"] < rec["total"])
-            if rec["done"] >= rec["total"]:
-                progress.reset(b, visible=False)  # the next evaluation starts its clock again
+        if kind == "progress":  # tokenising the corpus (bar, or plain lines), evaluating (bar only: the step line has val)
+            tokenise = rec["task"] == "tokenise"
+            display.update(rec["task"], rec["done"], rec["total"], "docs" if tokenise else "batches", log=tokenise)
         elif kind == "log":
             now = time.perf_counter()
             first[:] = first or [(rec["step"], now)]
             done = rec["step"] - first[0][0]
             eta = (now - first[0][1]) / done * (run.max_steps - rec["step"]) if done > 0 else None
             rate = f"{rec['tok_s']:,.0f} tok/s" if rec.get("tok_s") else ""
-            progress.update(bar("train", run.max_steps), completed=rec["step"], rate=rate)
-            progress.console.print(format_line(rec, run.max_steps, now - t0, eta), highlight=False)
+            display.update("train", rec["step"], run.max_steps, "steps", rate=rate, log=False)
+            display.print(format_line(rec, run.max_steps, now - t0, eta))
         elif kind == "info":  # what a resume changed, which checkpoint it skipped: one line each
-            progress.console.print(rec["message"], highlight=False)
+            display.print(rec["message"])
         elif kind == "growth":
-            progress.console.print(
+            display.console.print(
                 f"[bold green]growth[/] step {rec['step']}: {rec['operator']} "
                 f"{rec['params_before']:,} -> {rec['params_after']:,} params (+{rec['params_added']:,}), "
                 f"val loss {rec['val_loss_before']:.6f} -> {rec['val_loss_after']:.6f} (delta {rec['val_loss_delta']:+.2e})"
             )
 
     try:
-        with progress:
+        with display:
             res = run_training(cfg, callback=on)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(interrupted_message(cfg, sys.argv[1:])) from None

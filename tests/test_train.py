@@ -66,7 +66,7 @@ def params(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def metrics(path) -> list[dict]:
-    drop = {"tok_s", "mfu", "peak_mem_mb"}  # wall-clock and memory: not part of the computation
+    drop = {"tok_s", "mfu", "peak_mem_mb", "elapsed_s"}  # wall-clock and memory: not part of the computation
     recs = [json.loads(ln) for ln in path.read_text().splitlines()]
     # kind=run lines (machine, versions, wall time; one start line per segment) describe the run, not its numbers
     return [{k: v for k, v in r.items() if k not in drop} for r in recs if r.get("kind") != "run"]

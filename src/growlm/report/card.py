@@ -225,11 +225,12 @@ def eval_results(run: RunData) -> list[EvalResult]:
 # -- configuration, resources, usage -------------------------------------------------------------------------
 def resources_section(run: RunData) -> str:
     m, last = run.machine, run.last or {}
-    wall = sum(e.get("wall_s", 0.0) for e in run.ends) if run.ends else None
+    wall, note = run.wall_s, run.wall_note()
+    segs = f", {len(run.segments)} segments" if len(run.segments) > 1 else ""
     mems = [r["peak_mem_mb"] for r in run.train + run.ends if isinstance(r.get("peak_mem_mb"), (int, float))]
     mfus = [r["mfu"] for r in run.train if isinstance(r.get("mfu"), (int, float))]
     tok_s = [r["tok_s"] for r in run.train if isinstance(r.get("tok_s"), (int, float))]
-    rows = [["wall time (training, finished segments)", "—" if wall is None else f"{wall:.1f} s"],
+    rows = [[f"wall time (training{segs})", ("—" if wall is None else f"{wall:.1f} s") + (f" ({note})" if note else "")],
             ["peak memory", "—" if not mems else f"{max(mems):.0f} MB"],
             ["device", str(m.get("gpu") or m.get("device", "—")) + (f" x {m['world']}" if m.get("world", 1) > 1 else "")],
             ["CPU", f"{m.get('cpu', '—')} ({m.get('cpu_count', '—')} cores, {m.get('torch_threads', '—')} torch threads)"],

@@ -349,7 +349,8 @@ class Trainer:
                "val_loss": val, "val_ppl": math.exp(val) if val is not None and val < 700 else None,
                "tok_s": tok_s, "mfu": (tok_s * fpt / self.peak) if self.peak > 0 else None,
                "params": self.model.num_params(), "trainable_params": self.model.num_params(trainable_only=True),
-               "peak_mem_mb": parallel.peak_memory_mb(self.device), "generation": self.state.generation, "nan_skips": self.state.nan_skips}
+               "peak_mem_mb": parallel.peak_memory_mb(self.device), "generation": self.state.generation, "nan_skips": self.state.nan_skips,
+               "elapsed_s": now - self._t_start}  # this segment's wall time so far: the report's time of a killed one
         for k in ("kd", "ewc", "grad_norm", "skipped"):
             if k in step_rec:
                 rec[k] = step_rec[k]
@@ -359,7 +360,7 @@ class Trainer:
     def fit(self, stop_after: int | None = None) -> TrainResult:
         """Train to run.max_steps. `stop_after` ends early after that step (simulates a killed run)."""
         r = self.cfg.run
-        t_start = time.perf_counter()
+        t_start = self._t_start = time.perf_counter()  # also the origin of the train lines' elapsed_s
         if self.state.step == 0 and self.rank == 0 and self.metrics_path.exists():
             self.metrics_path.unlink()  # a fresh run (checked in __init__: no checkpoints here)
         self._write_metrics({"kind": "run", "event": "start", "step": self.state.step,

@@ -199,8 +199,10 @@ def test_plain_lines_come_every_interval_with_elapsed_and_eta():
         now[0] = 100.0 + t
         on(done, total)
     assert out.getvalue().splitlines() == [
-        "piqa | 10/40 requests | 0.5 requests/s | elapsed 20s | eta 1m00s",  # 10 s after the start: elapsed / done x left
+        "piqa | 0/40 requests | elapsed 0s",  # the start: what runs and how much of it
+        "piqa | 10/40 requests | 0.5 requests/s | elapsed 20s | eta 1m00s",  # >= 10 s after the last line; eta = elapsed / done x left
         "piqa | 30/40 requests | 1.0 requests/s | elapsed 31s | eta 10s",
         "piqa | 40/40 requests | 1.2 requests/s | elapsed 32s | eta 0s",  # the end of the task
-        "wikitext | 3/3 windows | 1.0 windows/s | elapsed 3s | eta 0s",  # the next task: its own clock
+        "wikitext | 0/3 windows | elapsed 0s",  # the next task: its own clock
+        "wikitext | 3/3 windows | 1.0 windows/s | elapsed 3s | eta 0s",
     ]

@@ -4,8 +4,8 @@ evaluation). The one implementation `growlm train`, `growlm eval` and `growlm re
 - Output is a terminal: rich bars with done/total, rate, elapsed time and ETA (transient: they vanish
   when their work is done, so what stays on screen is the log and the tables).
 - Output is not a terminal (CI, a file): no bar, no carriage return, no escape code; a plain line
-  `eval wikitext | 12/40 windows | 3.1 windows/s | elapsed 4s | eta 9s` at most every `every_s` seconds
-  and once at the end of each piece of work.
+  `wikitext | 12/40 windows | 3.1 windows/s | elapsed 4s | eta 9s` when a piece of work starts, at most
+  every `every_s` seconds while it runs, and at its end.
 
 The library reports progress through `progress(done, total)` callbacks (`growlm.eval`, `growlm.train.data`)
 or the trainer's `on("progress", ...)`; only this module turns them into output.
@@ -86,7 +86,7 @@ class ProgressDisplay:
         # drawn at once when new (else at the next 10 Hz refresh): the bar shows the moment the work starts
         self.progress.update(w.bar, completed=done, total=total, rate=rate, visible=not finished,
                              refresh=new and not finished)
-        if self.plain and log and (finished or now - w.last_line >= self.every_s):
+        if self.plain and log and (new or finished or now - w.last_line >= self.every_s):
             w.last_line = now
             self.print(self.line(name, done, total, unit, rate, elapsed))
         if finished:
@@ -95,7 +95,7 @@ class ProgressDisplay:
 
     @staticmethod
     def line(name: str, done: int, total: int, unit: str, rate: str, elapsed: float) -> str:
-        """`eval wikitext | 12/40 windows | 3.1 windows/s | elapsed 4s | eta 9s` (ETA: elapsed / done x left)."""
+        """`wikitext | 12/40 windows | 3.1 windows/s | elapsed 4s | eta 9s` (ETA: elapsed / done x left)."""
         eta = elapsed / done * (total - done) if done > 0 else None
         parts = [name, f"{done:,}/{total:,} {unit}"] + ([rate] if rate else [])
         parts.append(f"elapsed {hms(elapsed)}" + ("" if eta is None else f" | eta {hms(eta)}"))

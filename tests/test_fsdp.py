@@ -44,7 +44,7 @@ WORKER = textwrap.dedent(
             optim=OptimConfig(lr=1e-2, warmup_steps=1, eps=1e-6),
             growth=GrowthConfig(trigger="steps", steps=[2, 4], old_params=policy, gen_lr_mult=0.5,
                                 operators=[{"operator": "width", "factor": 2}, {"operator": "depth", "n": 1}]),
-            run=RunConfig(max_steps=6, micro_batch=2, grad_accum=accum, eval_every=2, log_every=1, save_every=1,
+            run=RunConfig(max_steps=6, micro_batch=1, grad_accum=accum, eval_every=2, log_every=1, save_every=1,
                           out_dir=out, peak_flops=0, export_hf=False, device="cpu", dtype=dtype, parallel=parallel,
                           resume=resume))
 
@@ -77,12 +77,12 @@ WORKER = textwrap.dedent(
     if __name__ == "__main__":
         base, mode = sys.argv[1], sys.argv[2]
         if mode == "full":  # uninterrupted 2-process runs, fp32 and fp64
-            run(base + "/fsdp32", "float32", "fsdp", 1)
-            run(base + "/fsdp64", "float64", "fsdp", 1)
+            run(base + "/fsdp32", "float32", "fsdp", 2)  # 2 micro-batches per process: no_sync on the first
+            run(base + "/fsdp64", "float64", "fsdp", 2)
         elif mode == "kill":
-            run(base + "/killed", "float32", "fsdp", 1, kill_at=3)
+            run(base + "/killed", "float32", "fsdp", 2, kill_at=3)
         elif mode == "resume":
-            run(base + "/killed", "float32", "fsdp", 1, resume=True)
+            run(base + "/killed", "float32", "fsdp", 2, resume=True)
     """
 )
 
@@ -114,10 +114,11 @@ def runs(tmp_path_factory):
     shutil.copytree(base / "killed", base / "killed1")
     resumed = _torchrun(script, str(base), "resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    w.run(str(base / "one32"), "float32", "ddp", 2)  # one process, the same global batch
-    w.run(str(base / "one64"), "float64", "ddp", 2)
-    w.run(str(base / "killed1"), "float32", "fsdp", 2, resume=True)  # the 2-process checkpoint on 1 process
-    return base
+    shutil.copytree(base / "killed1", base / "killed3")
+    w.run(str(base / "one32"), "float32", "ddp", 4)  # one process, the same global batch of 4 sequences
+    w.run(str(base / "one64"), "float64", "ddp", 4)
+    w.run(str(base / "killed1"), "float32", "fsdp", 4, resume=True)  # the 2-process checkpoint on 1 process
+    return base, w
 
 
 def _result(d: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -126,6 +127,7 @@ def _result(d: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize("bits,tol", [(32, 1e-6), (64, 1e-10)])
 def test_fsdp_two_processes_equal_one_process_across_width_and_depth_growth(runs, bits, tol):
+    runs, _ = runs
     (ra, wa), (rb, wb) = _result(runs / f"fsdp{bits}"), _result(runs / f"one{bits}")
     assert [e["operator"] for e in ra["events"]] == ["width", "depth"] == [e["operator"] for e in rb["events"]]
     assert len(ra["logit_diffs"]) == 2 and max(ra["logit_diffs"]) <= tol  # the re-sharded model keeps the function
@@ -143,6 +145,7 @@ def test_fsdp_two_processes_equal_one_process_across_width_and_depth_growth(runs
 
 
 def test_sigkilled_fsdp_run_resumes_exactly_on_two_processes_and_on_one(runs):
+    runs, _ = runs
     (ra, wa), (rb, wb) = _result(runs / "fsdp32"), _result(runs / "killed")
     assert rb["losses"] == ra["losses"]  # bit-exact, across the growth event at step 4 too
     for k in wa:
@@ -162,7 +165,7 @@ def test_export_of_a_sharded_checkpoint_loads_in_transformers(runs, tmp_path):
     from growlm.models.config import ModelConfig
     from growlm.models.model import GPT
 
-    run = runs / "fsdp32"
+    run = runs[0] / "fsdp32"
     assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
     _, w = _result(run)
     ours = GPT.from_state_dict(ModelConfig.load(run / "checkpoints" / "step_000006" / "model_config.json"), w)
@@ -171,3 +174,16 @@ def test_export_of_a_sharded_checkpoint_loads_in_transformers(runs, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, ours.eval()(x), rtol=0, atol=1e-5)
     assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 2  # never overwritten
+
+
+def test_resume_on_another_process_count_needs_the_same_global_batch(runs):
+    from growlm.errors import GrowlmError
+    from growlm.train import TrainConfig
+
+    base, w = runs
+    with pytest.raises(GrowlmError, match="global batch is 4 sequences"):
+        w.run(str(base / "killed3"), "float32", "fsdp", 3, resume=True)
+    assert json.loads((base / "killed3" / "checkpoints" / "latest.json").read_text())["step"] == 2  # untouched
+    cfg = w.config(str(base / "x"), "float32", "fsdp", 1).to_dict()
+    with pytest.raises(GrowlmError, match="ewc_lambda"):
+        TrainConfig.from_dict({**cfg, "reg": {**cfg["reg"], "ewc_lambda": 1.0}})

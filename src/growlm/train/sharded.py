@@ -199,7 +199,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model: GPT, optimizer: torc
         where = [str(tmp) if rank == 0 else None]
         if world > 1:
             torch.distributed.broadcast_object_list(where, src=0)
-        dcp.save(sd, checkpoint_id=where[0])
+        dcp.save(sd, checkpoint_id=where[0], no_dist=not _distributed())
         if world > 1:
             torch.distributed.barrier()
         if rank == 0:
@@ -239,15 +239,19 @@ def load_state(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.
     """Weights (and AdamW state) of a DCP checkpoint into a model sharded over any number of processes
     (or not sharded). Collective under a process group."""
     sd = _app_state(model, optimizer)
-    dcp.load(sd, checkpoint_id=str(path))
+    dcp.load(sd, checkpoint_id=str(path), no_dist=not _distributed())
     set_model_state_dict(model, sd["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, sd["optim"])
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def launch_world() -> int:
     """The number of processes of this run: the process group's, else torchrun's WORLD_SIZE, else 1."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _distributed():
         return torch.distributed.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
 

@@ -14,6 +14,7 @@ from growlm.cli import eval as cmd_eval
 from growlm.cli import export as cmd_export
 from growlm.cli import grow as cmd_grow
 from growlm.cli import model as cmd_model
+from growlm.cli import plan as cmd_plan
 from growlm.cli import report as cmd_report
 from growlm.cli import train as cmd_train
 from growlm.errors import GrowlmError
@@ -33,6 +34,7 @@ def _commands() -> dict[str, Callable]:
         "train": cmd_train.train,
         "report": cmd_report.report,
         "export": cmd_export.export,
+        "plan": cmd_plan.plan,
     }
 
 

@@ -11,8 +11,10 @@ import sys
 import warnings
 from typing import Callable
 from growlm.cli import eval as cmd_eval
+from growlm.cli import export as cmd_export
 from growlm.cli import grow as cmd_grow
 from growlm.cli import model as cmd_model
+from growlm.cli import plan as cmd_plan
 from growlm.cli import report as cmd_report
 from growlm.cli import train as cmd_train
 from growlm.errors import GrowlmError
@@ -31,6 +33,8 @@ def _commands() -> dict[str, Callable]:
         "eval": cmd_eval.eval,
         "train": cmd_train.train,
         "report": cmd_report.report,
+        "export": cmd_export.export,
+        "plan": cmd_plan.plan,
     }
 
 
@@ -39,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from jsonargparse import ArgumentParser, CLI  # noqa: F401
 
 
-    argv = cmd_report.positional_runs([_underscore_option(a) for a in (sys.argv[1:] if argv is None else argv)])
+    argv = cmd_export.positional_run(cmd_report.positional_runs([_underscore_option(a) for a in (sys.argv[1:] if argv is None else argv)]))
     try:
         from jsonargparse import auto_cli
     except ImportError:  # older jsonargparse

@@ -199,6 +199,9 @@ class RunConfig:
     """Matmul peak for MFU in FLOP/s; None = measure once and cache, 0 = no MFU."""
     overwrite: bool = False
     """Start afresh in an out_dir that already holds a run (its metrics, checkpoints and hf/ are replaced)."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: 'ddp' (a full copy per process) or 'fsdp' (FSDP2: weights, gradients and AdamW state
+    sharded across processes; DCP checkpoints that resume on another process count)."""
 
     def __post_init__(self) -> None:
         if min(self.max_steps, self.micro_batch, self.grad_accum, self.eval_every, self.log_every, self.keep_last) < 1:
@@ -221,6 +224,10 @@ class TrainConfig:
     growth: GrowthConfig = field(default_factory=GrowthConfig)
     reg: RegConfig = field(default_factory=RegConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.run.parallel == "fsdp" and self.reg.ewc_lambda > 0:
+            raise GrowlmError("reg.ewc_lambda > 0 is not supported with run.parallel fsdp yet; use run.parallel ddp")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -11,6 +11,7 @@ import os
 import resource
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from growlm.models.model import GPT
 from growlm.train.config import RunConfig
@@ -40,8 +41,9 @@ def init_distributed(device: str) -> tuple[int, int]:
 
 
 def wrap(model: GPT, world: int, device: str) -> torch.nn.Module:
-    """The module the loop calls: DDP around `model` when world > 1, else `model` itself."""
-    if world == 1:
+    """The module the loop calls: DDP around `model` when world > 1, else `model` itself (also when FSDP2
+    has sharded it: `growlm.train.sharded`)."""
+    if world == 1 or isinstance(model, FSDPModule):
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 

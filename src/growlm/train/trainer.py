@@ -50,7 +50,7 @@ from growlm.io import check_writable, parse_dtype, remove_stale_temporaries
 from growlm.models.hf import save_hf
 from growlm.models.model import GPT
 from growlm.train import checkpoint as ckpt
-from growlm.train import parallel
+from growlm.train import parallel, sharded
 from growlm.train.build import check_inputs, setup
 from growlm.train.config import TrainConfig, comparable, config_differences, resume_changes
 from growlm.train.data import BlockSampler, PackedData, prepare_data, retention_text, stack_blocks, text_blocks
@@ -103,11 +103,13 @@ def resume_point(cfg: TrainConfig, notes: list[str] | None = None) -> Path | Non
         why = f" ({skipped[0]})" if skipped else ""
         raise GrowlmError(f"run.resume is set but {ckpt_dir} holds no usable checkpoint{why}")
     saved, now = ckpt.read_train_config(path), comparable(cfg.to_dict())
+    now, relaid = sharded.relayout(path, saved, now)  # a sharded checkpoint may resume on another process count
     diff = config_differences(saved, now)
     if diff:
         raise GrowlmError(f"cannot resume {path}: config differs ({'; '.join(diff[:3])})")
     if notes is not None:
         notes.extend(skipped)
+        notes.extend(relaid)
         notes.extend(f"resuming {path.name} with {c}" for c in resume_changes(saved, now))
     return path
 
@@ -165,12 +167,14 @@ class Trainer:
     def multipliers(self) -> dict[str, float | torch.Tensor]:
         """Every parameter's update multiplier at the current step (from the config and the state alone)."""
         s = self.state
-        return update_multipliers(self.model, s.generations, s.update_scale, s.generation, self.cfg.growth,
-                                  s.step - s.last_growth_step)
+        m = update_multipliers(self.model, s.generations, s.update_scale, s.generation, self.cfg.growth,
+                               s.step - s.last_growth_step)
+        return sharded.shard_multipliers(self.model, m)  # sharded parameters: placed like them
 
     def _rebuild_optimizer(self) -> None:
         """Freeze what has a zero update everywhere, then a fresh AdamW over the rest."""
         freeze_zero_update(self.model, self.multipliers())
+        self.model = sharded.shard(self.model, self.world, self.device, self.cfg.run)  # run.parallel fsdp
         self.optimizer = build_optimizer(self.model, self.cfg.optim)
 
     def _autocast(self):
@@ -213,14 +217,14 @@ class Trainer:
             x, y = stack_blocks(self.data, "train", c, seq)
             x, y = x.to(self.device), y.to(self.device)
             sync = self.world == 1 or a == r.grad_accum - 1
-            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+            with contextlib.nullcontext() if sync else sharded.no_sync(self.ddp):
                 loss, parts = self._loss(x, y)
                 (loss / r.grad_accum).backward()
             total += loss.detach().double().cpu() / r.grad_accum
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0) + v.double().cpu() / r.grad_accum
         params = [p for p in self.model.parameters() if p.requires_grad]
-        gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf"))
+        gnorm = sharded.clip_grad_norm_(params, self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf"))
         finite = torch.tensor([float(torch.isfinite(total)) * float(torch.isfinite(gnorm.detach().cpu()))], dtype=torch.float64)
         finite = parallel.all_mean(finite, self.world, self.device)
         n_tokens = len(idx) * seq
@@ -287,6 +291,8 @@ class Trainer:
         spec = g.operators[k % len(g.operators)]
         before = self.evaluate() if val_before is None else val_before
         old_model, old_opt = self.model, self.optimizer
+        if sharded.is_sharded(old_model):  # grow the full model and state (every rank alike), shard it again
+            old_model, old_opt = sharded.gather_full(old_model, old_opt, self.cfg.optim)
         if reg.kd_weight > 0:
             self.teacher = copy.deepcopy(old_model).eval().requires_grad_(False)
         n_before = old_model.num_params()
@@ -300,6 +306,7 @@ class Trainer:
         st.last_growth_step = st.step
         self._rebuild_optimizer()
         transfer_adamw_state(old_model, old_opt, res, self.optimizer)
+        sharded.shard_optimizer_state(self.optimizer)
         del old_opt
         self.ddp = parallel.wrap(self.model, self.world, self.device)
         if reg.ewc_lambda > 0:
@@ -435,6 +442,11 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def save(self, val: float | None = None) -> Path | None:
+        if self.cfg.run.parallel == "fsdp":  # DCP: every rank writes its shards
+            return sharded.save_checkpoint(
+                self.ckpt_dir, self.state.step, self.model, self.optimizer, self.state.to_dict(self.world),
+                comparable(self.cfg.to_dict()), self.rank, self.world, tensors=self.state.tensors(), teacher=self.teacher,
+                keep_last=self.cfg.run.keep_last, val_loss=val)
         if self.rank != 0:
             parallel.barrier(self.world)
             return None
@@ -451,14 +463,14 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         try:
-            c = ckpt.load_checkpoint(path, device=self.device)
+            c = (sharded.load_checkpoint if sharded.is_sharded_checkpoint(path) else ckpt.load_checkpoint)(path, device=self.device)
         except GrowlmError:
             raise
         except Exception as e:  # noqa: BLE001 - a checkpoint without a manifest (older growlm) read badly
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise GrowlmError(f"cannot read checkpoint {path} ({msg}); move it aside to resume from an older one") from None
         s = c["state"]
-        if s.get("world", 1) != self.world:
+        if s.get("world", 1) != self.world and not c.get("sharded"):  # DCP re-shards
             raise GrowlmError(f"cannot resume {path}: it was written by {s.get('world')} processes, now {self.world}")
         self.model = c["model"].to(device=self.device, dtype=self.dtype)
         fresh = self._fresh_state()
@@ -469,7 +481,10 @@ class Trainer:
         if "ewc" in c["tensors"]:
             self.ewc = EWC.from_tensors({k: v.to(self.device) for k, v in c["tensors"]["ewc"].items()}, self.cfg.reg.ewc_lambda)
         self._rebuild_optimizer()
-        self.optimizer.load_state_dict(c["optimizer"])
+        if c.get("sharded"):
+            sharded.load_state(path, self.model, self.optimizer)
+        else:
+            self.optimizer.load_state_dict(c["optimizer"])
         if self.rank == 0:
             note = ckpt.truncate_metrics(self.metrics_path, self.state.step)
             if note:
@@ -505,7 +520,8 @@ def train(cfg: TrainConfig, callback: Callback | None = None, model: GPT | None 
         data = prepare_data(cfg.data, tokenizer)
     trainer = Trainer(cfg, model, data, tokenizer, callback)
     result = trainer.fit()
+    full = sharded.full_model(trainer.model) if cfg.run.export_hf else None  # collective when sharded
     if cfg.run.export_hf and trainer.rank == 0:
         tok = trainer.tokenizer if hasattr(trainer.tokenizer, "save_pretrained") else None
-        save_hf(trainer.model, Path(cfg.run.out_dir) / "hf", tok)
+        save_hf(full, Path(cfg.run.out_dir) / "hf", tok)
     return result

@@ -1,0 +1,1 @@
+"""Distillation: objectives, students cut from teachers, and cached teacher targets."""

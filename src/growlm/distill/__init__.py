@@ -1,0 +1,1 @@
+"""Distillation: students cut from teachers and the objectives that teach them."""

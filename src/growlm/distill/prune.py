@@ -364,8 +364,7 @@ def make_student(teacher: GPT, spec: StudentSpec, calibration: torch.Tensor | No
     student = keep_layers(teacher, kept)
     record.update(kept_layers=kept, dropped_layers=[i for i in range(tcfg.n_layer) if i not in kept],
                   layer_importance=influence)
-    if cfg.n_head != tcfg.n_head or cfg.n_kv_head != tcfg.n_kv_head or cfg.ffn_size != tcfg.ffn_size \
-            or cfg.n_embd != tcfg.n_embd:
+    if spec.prunes_width:
         imp = width_importance(student, calibration, batch_size)
         L = cfg.n_layer
         hk = [choose_heads(imp["heads"][i], tcfg.n_kv_head, tcfg.n_head, cfg.n_kv_head, cfg.n_head) for i in range(L)]

@@ -76,6 +76,17 @@ CASES = [
     ("grow-format", {}, ["grow", "--model", "@good", "--depth", "1", "--format", "onnx", "--out", "o"], "format must be"),
     ("grow-noise", {}, ["grow", "--model", "@good", "--factor", "2", "--noise", "-1", "--out", "o"], "noise must be"),
     ("grow-missing-model", {}, ["grow", "--model", "nope", "--depth", "1", "--out", "o"], "no such file"),
+    # -- prune: every target is checked against the teacher before any calibration or writing
+    ("prune-missing-layer", {}, ["prune", "--model", "@good", "--layers", "0,5", "--out", "o"], "do not exist"),
+    ("prune-larger-target", {}, ["prune", "--model", "@good", "--ffn-size", "128", "--out", "o"], "larger than the teacher"),
+    ("prune-more-layers", {}, ["prune", "--model", "@good", "--n-layer", "3", "--out", "o"], "larger than the teacher"),
+    ("prune-not-gqa", {}, ["prune", "--model", "@good", "--n-head", "3", "--out", "o"], "GQA-consistent"),
+    ("prune-group-gains-heads", {}, ["prune", "--model", "@good", "--n-head", "4", "--n-kv-head", "1", "--out", "o"], "cannot gain heads"),
+    ("prune-out-exists", {"target/model.safetensors": b"old model"}, ["prune", "--model", "@good", "--layers", "0", "--out", "target"], "--overwrite"),
+    ("prune-nothing", {}, ["prune", "--model", "@good", "--out", "o"], "nothing to prune"),
+    ("prune-depth-by", {}, ["prune", "--model", "@good", "--n-layer", "1", "--depth-by", "random", "--out", "o"], "depth_by must be"),
+    ("prune-missing-calibration", {}, ["prune", "--model", "@good", "--layers", "0", "--calibration", "nope.txt", "--seq-len", "16", "--out", "o"], "does not exist"),
+    ("prune-seq-len", {}, ["prune", "--model", "@good", "--layers", "0", "--seq-len", "128", "--out", "o"], "context length 64"),
     # -- tokenizer
     ("tokenizer-out-exists", {"tok/tokenizer.json": b"{}", "a.txt": WORDS.encode()},
      ["tokenizer", "--out", "tok", "--vocab_size", "300", "--files", "[a.txt]"], "--overwrite"),
@@ -228,10 +239,11 @@ def _read_only_dir() -> Path | None:
 @pytest.mark.parametrize("argv", [
     ["convert", "--model", "@good", "--out", "@ro/growlm-out"],
     ["grow", "--model", "@good", "--depth", "1", "--out", "@ro/growlm-out"],
+    ["prune", "--model", "@good", "--layers", "0", "--out", "@ro/growlm-out"],
     ["eval", "--model", "@good", "--tasks", "piqa", "--data_dir", ".", "--out", "@ro/res.json"],
     ["tokenizer", "--out", "@ro/tok", "--vocab_size", "300"],
     ["train", "--model.name", "tiny-llama", "--model.init", "scratch", "--model.tokenizer", "bytes", "--run.out_dir", "@ro/run"],
-], ids=["convert", "grow", "eval", "tokenizer", "train"])
+], ids=["convert", "grow", "prune", "eval", "tokenizer", "train"])
 def test_an_unwritable_output_is_refused_before_any_work(argv, good_model, tmp_path, capsys, monkeypatch):
     ro = _read_only_dir()
     if ro is None:

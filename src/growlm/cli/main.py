@@ -13,6 +13,7 @@ from typing import Callable
 from growlm.cli import eval as cmd_eval
 from growlm.cli import grow as cmd_grow
 from growlm.cli import model as cmd_model
+from growlm.cli import prune as cmd_prune
 from growlm.cli import report as cmd_report
 from growlm.cli import train as cmd_train
 from growlm.errors import GrowlmError
@@ -28,6 +29,7 @@ def _commands() -> dict[str, Callable]:
         "demo": cmd_model.demo,
         "tokenizer": cmd_model.tokenizer,
         "grow": cmd_grow.grow,
+        "prune": cmd_prune.prune,
         "eval": cmd_eval.eval,
         "train": cmd_train.train,
         "report": cmd_report.report,

@@ -7,7 +7,6 @@ saved config / eval results), so a test can recompute each cell from the same fi
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -19,6 +18,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from growlm.io import atomic_write
+from growlm.models.config import module_diff, module_lines
 from growlm.report import plots
 from growlm.report.run import RunData
 
@@ -112,28 +112,13 @@ def architecture(run: RunData) -> tuple[dict[str, Any], dict[str, Any]]:
     return cfg, cfg
 
 
-def module_lines(c: dict[str, Any]) -> list[str]:
-    """A module outline from a config dict (the shapes growth changes)."""
-    if not c:
-        return []
-    e, hd = c.get("n_embd"), c.get("head_dim") or (c.get("n_embd", 0) // max(c.get("n_head", 1), 1))
-    head = "tied to embed" if c.get("tie_embeddings") else f"Linear({e}, {c.get('vocab_size')})"
-    return [f"embed: Embedding({c.get('vocab_size')}, {e})",
-            f"blocks: {c.get('n_layer')} x Block",
-            f"  attn: {c.get('n_head')} query heads, {c.get('n_kv_head')} KV heads, head_dim {hd}",
-            f"  attn.q: Linear({e}, {c.get('n_head', 0) * hd}); attn.kv: 2 x Linear({e}, {c.get('n_kv_head', 0) * hd})",
-            f"  attn.o: Linear({c.get('n_head', 0) * hd}, {e})",
-            f"  mlp: Linear({e}, {c.get('ffn_size')}) -> Linear({c.get('ffn_size')}, {e})",
-            f"norm: ({e})", f"head: {head}"]
-
-
 def architecture_section(run: RunData) -> str:
     before, after = architecture(run)
     if not before:
         return "## Architecture\n\nUnknown (no growth event and no exported config)."
     keys = [k for k in after if not isinstance(after[k], (dict, list))]
     rows = [[k, str(before.get(k)), str(after.get(k))] for k in keys]
-    diff = [ln for ln in difflib.unified_diff(module_lines(before), module_lines(after), "before", "after", lineterm="", n=8)]
+    diff = module_diff(before, after)
     out = ["## Architecture", "", _table(["field", "before", "after"], rows, right=1), ""]
     if diff:
         out += ["Module diff (before -> after):", "", "```diff", *diff, "```"]

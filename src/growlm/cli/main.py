@@ -10,6 +10,7 @@ import os
 import sys
 import warnings
 from typing import Callable
+from growlm.cli import distill as cmd_distill
 from growlm.cli import eval as cmd_eval
 from growlm.cli import grow as cmd_grow
 from growlm.cli import model as cmd_model
@@ -32,6 +33,7 @@ def _commands() -> dict[str, Callable]:
         "prune": cmd_prune.prune,
         "eval": cmd_eval.eval,
         "train": cmd_train.train,
+        "distill": cmd_distill.distill,
         "report": cmd_report.report,
     }
 

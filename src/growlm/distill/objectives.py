@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
+from growlm.distill.targets import SparseTargets, sparse_kd_loss
 from growlm.errors import GrowlmError
 from growlm.models.config import ModelConfig
 from growlm.models.model import ModelOutput
@@ -334,6 +335,7 @@ class Objective(nn.Module):
         self.projectors = nn.ModuleList(make_projector(cfg.projector, student.n_embd, teacher.n_embd) for _ in self.hidden_pairs)
         self.attn_pairs = layer_map(student.n_layer, teacher.n_layer, cfg.attn_layers) if cfg.attn_weight > 0 else []
         self.n_head = student.n_head
+        self.teacher_vocab = teacher.vocab_size
         if self.attn_pairs:
             if teacher.n_head % student.n_head:
                 raise GrowlmError(f"attention maps: the teacher's {teacher.n_head} heads do not split into equal groups, "
@@ -364,7 +366,9 @@ class Objective(nn.Module):
         The teacher side is detached."""
         cfg = self.cfg
         s_out = student_out if isinstance(student_out, ModelOutput) else ModelOutput(student_out)
-        t_out = teacher_out if isinstance(teacher_out, ModelOutput) or teacher_out is None else ModelOutput(teacher_out)
+        sparse = teacher_out if isinstance(teacher_out, SparseTargets) else None  # cached top-k targets
+        t_out = teacher_out if isinstance(teacher_out, ModelOutput) or teacher_out is None or sparse is not None \
+            else ModelOutput(teacher_out)
         terms: dict[str, tuple[float, torch.Tensor]] = {}
         if cfg.ce_weight > 0:
             if targets is None:
@@ -373,7 +377,13 @@ class Objective(nn.Module):
         if cfg.kd_weight > 0 or self.hidden_pairs or self.attn_pairs:
             if t_out is None:
                 raise GrowlmError("the distillation terms need the teacher's outputs")
-        if cfg.kd_weight > 0:
+        if cfg.kd_weight > 0 and sparse is not None:
+            if cfg.logits not in ("forward_kl", "soft_ce"):
+                raise GrowlmError(f"cached teacher targets give forward_kl and soft_ce only, not {cfg.logits}")
+            terms["kd"] = (cfg.kd_weight, sparse_kd_loss(s_out.logits, *sparse, temperature=cfg.temperature, mask=mask,
+                                                         kind="ce" if cfg.logits == "soft_ce" else "forward_kl",
+                                                         vocab_size=self.teacher_vocab))
+        elif cfg.kd_weight > 0:
             terms["kd"] = (cfg.kd_weight, logits_loss(s_out.logits, t_out.logits.detach(), cfg.logits, cfg.temperature,
                                                       cfg.beta, cfg.alpha, mask))
         if self.hidden_pairs:

@@ -34,7 +34,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -139,6 +139,14 @@ def targets_fingerprint(teacher: nn.Module, data: Any, seq_len: int, k: int, dty
 
 
 # -- the cache ----------------------------------------------------------------------------------------
+class SparseTargets(NamedTuple):
+    """Cached teacher targets of a batch (what `TeacherTargets.get` returns), the teacher side of the objective."""
+
+    logprobs: torch.Tensor
+    ids: torch.Tensor
+    rest_logmass: torch.Tensor
+
+
 @dataclass
 class TeacherTargets:
     """An opened cache: three read-only memmaps and the fingerprint they were built for."""

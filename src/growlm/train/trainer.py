@@ -20,6 +20,12 @@ Growth during training (operators in `growlm.growth`):
   gradient's scale away, so scaling the gradient would not change the step);
 - regularisers (`growlm.train.regularize`): KD from the frozen pre-growth snapshot and EWC anchored at growth.
 
+Distillation (`growlm distill`, a config with distill.teacher) is the same loop with a teacher: the loss is
+`growlm.distill.objectives.Objective` (CE + logits + hidden-state + attention terms), the teacher runs every
+step (online) or its top-k predictions are read from a memory-mapped cache (`growlm.distill.targets`). The
+teacher is not saved in checkpoints; the fingerprint of its weights is, and a resume with another teacher is
+refused. The objective's projectors train with the student (same AdamW) and are checkpointed.
+
 Non-finite loss policy: a step whose loss (or gradient norm) is NaN/inf is skipped (no update, its batch
 is consumed, the schedule advances); more than `max_nan_skips` consecutive skips stop the run with a
 GrowlmError. Nothing is saved during a non-finite streak, and since a skipped step leaves the weights as
@@ -44,6 +50,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from growlm.distill.objectives import Objective, next_token_loss
+from growlm.distill.targets import SparseTargets, TeacherTargets, build_targets, teacher_fingerprint
 from growlm.errors import GrowlmError
 from growlm.growth import grow, with_vocab_sources
 from growlm.io import check_writable, parse_dtype, remove_stale_temporaries
@@ -54,7 +62,7 @@ from growlm.train import parallel
 from growlm.train.build import check_inputs, setup
 from growlm.train.config import TrainConfig, comparable, config_differences, resume_changes
 from growlm.train.data import BlockSampler, PackedData, prepare_data, retention_text, stack_blocks, text_blocks
-from growlm.train.flops import executed_flops_per_token
+from growlm.train.flops import executed_flops_per_token, flops_per_token
 from growlm.train.optim import (build_optimizer, freeze_zero_update, lr_at, multiplied_step, transfer_adamw_state,
                                 update_multipliers)
 from growlm.train.regularize import EWC, build_ewc, kd_loss
@@ -116,7 +124,8 @@ class Trainer:
     """Runs one TrainConfig on a built model and data; `fit()` trains to max_steps (resuming when asked)."""
 
     def __init__(self, cfg: TrainConfig, model: GPT, data: PackedData, tokenizer: Any = None,
-                 callback: Callback | None = None) -> None:
+                 callback: Callback | None = None, teacher: GPT | None = None,
+                 student_record: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.callback = callback or (lambda kind, rec: None)
         r = cfg.run
@@ -138,8 +147,16 @@ class Trainer:
         n_val = data.n_blocks("val", cfg.data.seq_len)
         self.val_indices = list(range(n_val if cfg.data.val_blocks == 0 else min(n_val, cfg.data.val_blocks)))
         self.state = self._fresh_state()
-        self.teacher: GPT | None = None
+        self.teacher: GPT | None = None  # the pre-growth snapshot of reg.kd_weight (saved in checkpoints)
         self.ewc: EWC | None = None
+        self.distiller: GPT | None = None  # the teacher of a distillation (distill.teacher; never saved)
+        self.objective: Objective | None = None
+        self.targets: TeacherTargets | None = None
+        self.student_record = student_record  # how the student was cut from the teacher (metrics: kind=distill)
+        if cfg.distill.teacher is not None:
+            if teacher is None:
+                raise GrowlmError("distill.teacher is set but no teacher model was given")
+            self._setup_distillation(teacher)
         self.peak = parallel.peak_flops(r, self.dtype, self.device)
         self._t_last, self._tokens_last = time.perf_counter(), 0
         self._rebuild_optimizer()
@@ -169,9 +186,27 @@ class Trainer:
                                   s.step - s.last_growth_step)
 
     def _rebuild_optimizer(self) -> None:
-        """Freeze what has a zero update everywhere, then a fresh AdamW over the rest."""
+        """Freeze what has a zero update everywhere, then a fresh AdamW over the rest (and the objective's projectors)."""
         freeze_zero_update(self.model, self.multipliers())
-        self.optimizer = build_optimizer(self.model, self.cfg.optim)
+        self.optimizer = build_optimizer(self.model, self.cfg.optim, self.objective)
+
+    def _setup_distillation(self, teacher: GPT) -> None:
+        """The teacher (frozen, on this device), the objective, and with distill.targets=cached the cache
+        (built on first use; a progress task 'targets')."""
+        d, seq = self.cfg.distill, self.cfg.data.seq_len
+        if teacher.config.vocab_size > self.model.config.vocab_size:
+            raise GrowlmError(f"the teacher's vocabulary ({teacher.config.vocab_size}) is larger than the student's "
+                              f"({self.model.config.vocab_size}): they must share one tokenizer")
+        if seq > teacher.config.block_size:
+            raise GrowlmError(f"data.seq_len={seq} exceeds the teacher's context length {teacher.config.block_size}")
+        self.distiller = teacher.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self.state.teacher = teacher_fingerprint(self.distiller)
+        self.objective = Objective(d.objective, self.model.config, teacher.config).to(device=self.device, dtype=self.dtype)
+        if d.targets == "cached":
+            progress = lambda done, n: self.callback("progress", {"task": "targets", "done": done, "total": n})  # noqa: E731
+            self.targets = build_targets(self.distiller, self.data, seq, d.top_k, d.targets_dir, d.targets_dtype,
+                                         batch_size=self.cfg.run.micro_batch, progress=progress,
+                                         teacher_hash=self.state.teacher)
 
     def _autocast(self):
         if self.cfg.run.autocast == "bf16":
@@ -179,7 +214,10 @@ class Trainer:
         return contextlib.nullcontext()
 
     # -- one step -------------------------------------------------------------------------------------
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, blocks: list[int] | None = None
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.objective is not None:
+            return self._distill_loss(x, y, blocks)
         with self._autocast():
             logits = self.ddp(x)
         ce = F.cross_entropy(logits.to(_loss_dtype(logits)).reshape(-1, logits.shape[-1]), y.reshape(-1))
@@ -195,6 +233,28 @@ class Trainer:
             pen = self.ewc.penalty(self.model)
             loss = loss + pen.to(loss.dtype)
             parts["ewc"] = pen.detach()
+        return loss, parts
+
+    def _distill_loss(self, x: torch.Tensor, y: torch.Tensor, blocks: list[int] | None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The objective between the student and the teacher (online) or the cached targets of `blocks`."""
+        o = self.objective
+        rich = o.needs_hidden_states or bool(o.student_attention_layers)
+        with self._autocast():
+            out = self.ddp(x, output_hidden_states=o.needs_hidden_states,
+                           attention_layers=o.student_attention_layers) if rich else self.ddp(x)
+            if self.targets is not None:
+                if blocks is None:
+                    raise GrowlmError("cached teacher targets need the block indices of the batch")
+                t_out: Any = SparseTargets(*self.targets.get(blocks, self.device))
+            else:
+                with torch.no_grad():
+                    t_out = self.distiller(x, output_hidden_states=o.needs_hidden_states,
+                                           attention_layers=o.teacher_attention_layers) if rich else self.distiller(x)
+        loss, parts = o(out, t_out, y)
+        if "ce" not in parts:  # logged whatever the weights: the quantity the validation loss is comparable to
+            logits = out if isinstance(out, torch.Tensor) else out.logits
+            parts["ce"] = next_token_loss(logits.detach(), y)
         return loss, parts
 
     def train_step(self) -> dict[str, Any]:
@@ -214,18 +274,18 @@ class Trainer:
             x, y = x.to(self.device), y.to(self.device)
             sync = self.world == 1 or a == r.grad_accum - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
-                loss, parts = self._loss(x, y)
+                loss, parts = self._loss(x, y, c)
                 (loss / r.grad_accum).backward()
             total += loss.detach().double().cpu() / r.grad_accum
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0) + v.double().cpu() / r.grad_accum
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for m in (self.model, self.objective) if m is not None for p in m.parameters() if p.requires_grad]
         gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf"))
         finite = torch.tensor([float(torch.isfinite(total)) * float(torch.isfinite(gnorm.detach().cpu()))], dtype=torch.float64)
         finite = parallel.all_mean(finite, self.world, self.device)
         n_tokens = len(idx) * seq
         st.tokens += n_tokens
-        st.flops += executed_flops_per_token(self.model, seq) * n_tokens
+        st.flops += self._flops_per_token() * n_tokens
         rec: dict[str, Any] = {"lr": lr}
         if float(finite) < 1.0:  # the policy: skip, then stop after max_nan_skips in a row
             self.optimizer.zero_grad(set_to_none=True)
@@ -245,11 +305,20 @@ class Trainer:
         rec["grad_norm"] = float(gnorm)
         return rec
 
+    def _flops_per_token(self) -> float:
+        """Executed training FLOPs per token: the student's step, plus the teacher's forward when it runs online."""
+        seq = self.cfg.data.seq_len
+        f = executed_flops_per_token(self.model, seq)
+        if self.distiller is not None and self.targets is None:
+            f += flops_per_token(self.distiller.config, seq, training=False)
+        return f
+
     # -- evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, blocks: torch.Tensor | None = None) -> float:
-        """Mean token cross-entropy on the validation blocks (or on given (n, seq_len + 1) blocks)."""
-        model, mb, seq = self.model, self.cfg.run.micro_batch, self.cfg.data.seq_len
+    def evaluate(self, blocks: torch.Tensor | None = None, model: GPT | None = None) -> float:
+        """Mean token cross-entropy of the model (or `model`: the teacher) on the validation blocks (or on
+        given (n, seq_len + 1) blocks)."""
+        model, mb, seq = model or self.model, self.cfg.run.micro_batch, self.cfg.data.seq_len
         was_training = model.training
         model.eval()
         total, count = 0.0, 0
@@ -343,14 +412,14 @@ class Trainer:
         dt = max(now - self._t_last, 1e-9)
         tok_s = (self.state.tokens - self._tokens_last) / dt
         self._t_last, self._tokens_last = now, self.state.tokens
-        fpt = executed_flops_per_token(self.model, self.cfg.data.seq_len)
+        fpt = self._flops_per_token()
         rec = {"kind": "train", "step": self.state.step, "tokens": self.state.tokens, "flops": self.state.flops,
                "lr": step_rec.get("lr"), "loss": step_rec.get("loss"),
                "val_loss": val, "val_ppl": math.exp(val) if val is not None and val < 700 else None,
                "tok_s": tok_s, "mfu": (tok_s * fpt / self.peak) if self.peak > 0 else None,
                "params": self.model.num_params(), "trainable_params": self.model.num_params(trainable_only=True),
                "peak_mem_mb": parallel.peak_memory_mb(self.device), "generation": self.state.generation, "nan_skips": self.state.nan_skips}
-        for k in ("kd", "ewc", "grad_norm", "skipped"):
+        for k in ("kd", "hidden", "attn", "ewc", "grad_norm", "skipped"):
             if k in step_rec:
                 rec[k] = step_rec[k]
         return rec
@@ -376,6 +445,9 @@ class Trainer:
                    "trainable_params": self.model.num_params(trainable_only=True)}
             if "base" in self.state.retention:
                 rec["retention_loss"] = self.state.retention["base"]
+            if self.distiller is not None:
+                rec["teacher_val_loss"] = self.evaluate(model=self.distiller)
+                self._write_metrics(self._distill_record(rec["teacher_val_loss"]))
             self._write_metrics(rec)
             self.callback("log", rec)
             if self.growth_due(None):
@@ -417,6 +489,17 @@ class Trainer:
                                  "best_val_loss": self.state.best_val})
         return TrainResult(self.model, self.state.step, self.state.last_val, self.state.base_val, self.state.events, self.state.retention, self.out_dir)
 
+    def _distill_record(self, teacher_val: float) -> dict[str, Any]:
+        """kind=distill: the teacher, the student's shape against it and how it was cut (for reports)."""
+        keep = ("init", "spec", "kept_layers", "dropped_layers", "layer_importance")
+        how = {k: v for k, v in (self.student_record or {}).items() if k in keep}
+        d = self.cfg.distill
+        return {"kind": "distill", "step": 0, "teacher": d.teacher, "teacher_fingerprint": self.state.teacher,
+                "targets": d.targets, "top_k": d.top_k if d.targets == "cached" else None,
+                "teacher_config": self.distiller.config.to_dict(), "student_config": self.model.config.to_dict(),
+                "teacher_params": self.distiller.num_params(), "student_params": self.model.num_params(),
+                "teacher_val_loss": teacher_val, "student": _jsonable(how)}
+
     def _keep_checkpoint_before(self, bad_from: int) -> str:
         """After a non-finite streak: the weights from step `bad_from` on led into it (a skipped step does
         not change them), so the newest checkpoint before that step becomes latest.json, what a resume takes."""
@@ -440,6 +523,8 @@ class Trainer:
         tensors = self.state.tensors()
         if self.ewc is not None:
             tensors["ewc"] = self.ewc.tensors()
+        if self.objective is not None and len(self.objective.state_dict()):
+            tensors["objective"] = self.objective.state_dict()
         path = ckpt.save_checkpoint(
             self.ckpt_dir, self.state.step, self.model, self.optimizer, self.state.to_dict(self.world),
             comparable(self.cfg.to_dict()), tensors=tensors, teacher=self.teacher, keep_last=self.cfg.run.keep_last,
@@ -461,7 +546,13 @@ class Trainer:
             raise GrowlmError(f"cannot resume {path}: it was written by {s.get('world')} processes, now {self.world}")
         self.model = c["model"].to(device=self.device, dtype=self.dtype)
         fresh = self._fresh_state()
+        teacher = self.state.teacher
         self.state = TrainState.from_dict(s, c["tensors"], fresh.sampler, fresh.plateau)
+        if self.state.teacher != teacher:
+            raise GrowlmError(f"cannot resume {path}: it was distilled from another teacher (weights "
+                              f"{self.state.teacher} vs now {teacher})")
+        if "objective" in c["tensors"] and self.objective is not None:
+            self.objective.load_state_dict(c["tensors"]["objective"])
         ckpt.restore_rng(s, c["rng"])
         if c["teacher"] is not None:
             self.teacher = c["teacher"].to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
@@ -491,18 +582,21 @@ def _jsonable(d: Any) -> dict[str, Any]:
 
 
 def train(cfg: TrainConfig, callback: Callback | None = None, model: GPT | None = None, tokenizer: Any = None,
-          data: PackedData | None = None) -> TrainResult:
+          data: PackedData | None = None, teacher: GPT | None = None,
+          student_record: dict[str, Any] | None = None) -> TrainResult:
     """Run a TrainConfig to the end and export the final model (rank 0) as a Hugging Face directory.
-    Builds the model, tokenizer and data from the config unless they are given."""
+    Builds the model, tokenizer, data (and the teacher of a distillation) from the config unless the model is given."""
+    record = student_record
     if model is None:
         resume_point(cfg)  # a config that cannot resume (or a run folder it may not write) fails before loading
         progress = None if callback is None else (lambda d, n: callback("progress", {"task": "tokenise", "done": d, "total": n}))
-        model, tokenizer, data = setup(cfg, progress)
+        built = setup(cfg, progress)
+        model, tokenizer, data, teacher, record = built.model, built.tokenizer, built.data, built.teacher, built.student_record
     elif data is None:
         if tokenizer is None:
             raise GrowlmError("no tokenizer: set model.tokenizer")
         data = prepare_data(cfg.data, tokenizer)
-    trainer = Trainer(cfg, model, data, tokenizer, callback)
+    trainer = Trainer(cfg, model, data, tokenizer, callback, teacher, record)
     result = trainer.fit()
     if cfg.run.export_hf and trainer.rank == 0:
         tok = trainer.tokenizer if hasattr(trainer.tokenizer, "save_pretrained") else None

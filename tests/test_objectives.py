@@ -260,7 +260,8 @@ def test_layer_map_specs():
     ([[6, 0]], "student layer 6 does not exist"),
     ([[-1, 0]], "student layer -1 does not exist"),
     ([[0, 1, 2]], "two integers"),
-    ([], "empty"),
+    ([], "non-empty list"),
+    ([[0, True]], "two integers"),
     ("every-7", "only 6 layers"),
     ("every-0", "expected 'last'"),
     ("middle", "expected 'last'"),
@@ -304,11 +305,14 @@ def test_orthogonal_projector_stays_orthogonal_after_training(d_student, d_teach
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     w = proj.weight.detach()
     assert not torch.allclose(w, w0, atol=1e-3) and losses[-1] < losses[0]  # it did train
     gram = w @ w.T if d_teacher <= d_student else w.T @ w  # the smaller side
     torch.testing.assert_close(gram, torch.eye(min(d_student, d_teacher)), rtol=0, atol=1e-5)
+    fresh = make_projector("orthogonal", d_student, d_teacher)  # a checkpoint round trip keeps the trained map
+    fresh.load_state_dict(proj.state_dict())
+    torch.testing.assert_close(fresh.weight, w, rtol=0, atol=1e-6)
 
 
 def test_linear_and_identity_projectors():

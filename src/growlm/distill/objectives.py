@@ -117,6 +117,8 @@ def logits_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     v = teacher_logits.shape[-1]
     if student_logits.shape[-1] < v:
         raise GrowlmError(f"the student has {student_logits.shape[-1]} vocabulary logits, fewer than the teacher's {v}")
+    if not (0 <= beta <= 1 and 0 <= alpha < 1):
+        raise GrowlmError(f"beta must be in [0, 1] and alpha in [0, 1), got beta {beta}, alpha {alpha}")
     dt = _dtype(student_logits, teacher_logits)
     zs, zt = student_logits[..., :v].to(dt), teacher_logits.to(dt)
     if kind == "mse":

@@ -260,7 +260,8 @@ def test_layer_map_specs():
     ([[6, 0]], "student layer 6 does not exist"),
     ([[-1, 0]], "student layer -1 does not exist"),
     ([[0, 1, 2]], "two integers"),
-    ([], "empty"),
+    ([], "non-empty list"),
+    ([[0, True]], "two integers"),
     ("every-7", "only 6 layers"),
     ("every-0", "expected 'last'"),
     ("middle", "expected 'last'"),
@@ -304,11 +305,14 @@ def test_orthogonal_projector_stays_orthogonal_after_training(d_student, d_teach
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     w = proj.weight.detach()
     assert not torch.allclose(w, w0, atol=1e-3) and losses[-1] < losses[0]  # it did train
     gram = w @ w.T if d_teacher <= d_student else w.T @ w  # the smaller side
     torch.testing.assert_close(gram, torch.eye(min(d_student, d_teacher)), rtol=0, atol=1e-5)
+    fresh = make_projector("orthogonal", d_student, d_teacher)  # a checkpoint round trip keeps the trained map
+    fresh.load_state_dict(proj.state_dict())
+    torch.testing.assert_close(fresh.weight, w, rtol=0, atol=1e-6)
 
 
 def test_linear_and_identity_projectors():
@@ -347,7 +351,7 @@ def test_explicit_attention_path(family):
     ref = model(x, output_hidden_states=True)
     out = model(x, output_hidden_states=True, attention_layers=[0, 2])
     assert sorted(out.attentions) == [0, 2] and ref.attentions is None
-    for p in out.attentions.values():
+    for p in (a.detach() for a in out.attentions.values()):
         assert p.shape == (2, model.config.n_head, 10, 10)
         torch.testing.assert_close(p.sum(-1), torch.ones(2, model.config.n_head, 10, dtype=D), rtol=0, atol=1e-12)
         assert float(p.masked_select(~torch.ones(10, 10, dtype=torch.bool).tril()).abs().max()) == 0.0
@@ -361,7 +365,7 @@ def test_explicit_attention_path(family):
     pos = torch.cat((torch.arange(5), torch.arange(5)))
     got = model(x, pos=pos, mask=mask, attention_layers=[1])
     torch.testing.assert_close(got.logits, model(x, pos=pos, mask=mask), rtol=0, atol=1e-10)
-    assert float(got.attentions[1][..., 5:, :5].abs().max()) == 0.0
+    assert float(got.attentions[1].detach()[..., 5:, :5].abs().max()) == 0.0
     assert torch.equal(model(x, attention_layers=[1]).attentions[1], got.attentions[1]) is False  # the mask mattered
     with pytest.raises(ValueError, match="attention layer 3 is out of range"):
         model(x, attention_layers=[3])

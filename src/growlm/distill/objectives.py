@@ -118,6 +118,8 @@ def logits_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     v = teacher_logits.shape[-1]
     if student_logits.shape[-1] < v:
         raise GrowlmError(f"the student has {student_logits.shape[-1]} vocabulary logits, fewer than the teacher's {v}")
+    if not (0 <= beta <= 1 and 0 <= alpha < 1):
+        raise GrowlmError(f"beta must be in [0, 1] and alpha in [0, 1), got beta {beta}, alpha {alpha}")
     dt = _dtype(student_logits, teacher_logits)
     zs, zt = student_logits[..., :v].to(dt), teacher_logits.to(dt)
     if kind == "mse":
@@ -168,32 +170,39 @@ def layer_map(n_student: int, n_teacher: int, spec: LayerSpec) -> list[tuple[int
     def uniform(i: int) -> int:
         return -(-(i + 1) * n_teacher // n_student) - 1
 
-    if isinstance(spec, str):
-        if spec == "last":
-            pairs = [(n_student - 1, n_teacher - 1)]
-        elif spec == "uniform":
-            pairs = [(i, uniform(i)) for i in range(n_student)]
-        elif m := re.fullmatch(r"every-([1-9][0-9]*)", spec):
-            k = int(m.group(1))
-            if k > n_student:
-                raise GrowlmError(f"layer map {spec!r}: the student has only {n_student} layers")
-            pairs = [(i, uniform(i)) for i in range(k - 1, n_student, k)]
-        else:
-            raise GrowlmError(f"layer map {spec!r}: expected 'last', 'uniform', 'every-K' or a list of [student, teacher] pairs")
+    k = check_layer_spec(spec)
+    if spec == "last":
+        pairs = [(n_student - 1, n_teacher - 1)]
+    elif spec == "uniform":
+        pairs = [(i, uniform(i)) for i in range(n_student)]
+    elif k:
+        if k > n_student:
+            raise GrowlmError(f"layer map {spec!r}: the student has only {n_student} layers")
+        pairs = [(i, uniform(i)) for i in range(k - 1, n_student, k)]
     else:
-        pairs = []
-        for p in spec:
-            if len(p) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in p):
-                raise GrowlmError(f"layer map pair {p!r}: expected [student layer, teacher layer] (two integers)")
-            pairs.append((p[0], p[1]))
-        if not pairs:
-            raise GrowlmError("layer map: the list of [student, teacher] pairs is empty")
+        pairs = [(p[0], p[1]) for p in spec]
     for s, t in pairs:
         if not 0 <= s < n_student:
             raise GrowlmError(f"layer map: student layer {s} does not exist (the student has layers 0..{n_student - 1})")
         if not 0 <= t < n_teacher:
             raise GrowlmError(f"layer map: teacher layer {t} does not exist (the teacher has layers 0..{n_teacher - 1})")
     return pairs
+
+
+def check_layer_spec(spec: LayerSpec) -> int:
+    """Raise GrowlmError unless `spec` is a layer-map spec (see `layer_map`); K for "every-K", else 0."""
+    if isinstance(spec, str):
+        if spec in ("last", "uniform"):
+            return 0
+        if m := re.fullmatch(r"every-([1-9][0-9]*)", spec):
+            return int(m.group(1))
+        raise GrowlmError(f"layer map {spec!r}: expected 'last', 'uniform', 'every-K' or a list of [student, teacher] pairs")
+    if not isinstance(spec, (list, tuple)) or not spec:
+        raise GrowlmError(f"layer map {spec!r}: expected 'last', 'uniform', 'every-K' or a non-empty list of [student, teacher] pairs")
+    for p in spec:
+        if not isinstance(p, (list, tuple)) or len(p) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in p):
+            raise GrowlmError(f"layer map pair {p!r}: expected [student layer, teacher layer] (two integers)")
+    return 0
 
 
 # -- hidden states and attention ---------------------------------------------------------------------------
@@ -310,7 +319,7 @@ class ObjectiveConfig:
             if value not in known:
                 raise GrowlmError(f"{name} {value!r} is unknown (known: {', '.join(known)})")
         for spec in (self.hidden_layers, self.attn_layers):
-            layer_map(10**6, 10**6, spec)  # the syntax now; the ranges when the models are known
+            check_layer_spec(spec)  # the syntax now; the ranges when the models are known
         if self.attn_heads is not None and (not self.attn_heads or len(set(self.attn_heads)) != len(self.attn_heads)
                                             or any(h < 0 for h in self.attn_heads)):
             raise GrowlmError(f"attn_heads must be distinct head indices >= 0, got {self.attn_heads}")

@@ -308,7 +308,8 @@ def card_data(run: RunData) -> ModelCardData:
     family = "llama" if "llama" in str(run.value("model.name", "")) or run.value("model.name") == "smollm2-135m" else None
     tags = ["growlm", "text-generation"]
     tags += ["model-growth"] if run.growth else []
-    tags += ["continued-pretraining"] if run.value("model.init") == "pretrained" else ["from-scratch"]
+    if not run.value("distill.teacher"):
+        tags += ["continued-pretraining"] if run.value("model.init") == "pretrained" else ["from-scratch"]
     tags += ["knowledge-distillation"] if (run.value("reg.kd_weight") or 0) > 0 or run.value("distill.teacher") else []
     tags += ["pruning"] if ((run.distill or {}).get("student") or {}).get("kept_layers") is not None else []
     tags += [family] if family else []

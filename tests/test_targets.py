@@ -17,6 +17,7 @@ from growlm.distill.targets import (
     sparse_kd_loss,
     targets_fingerprint,
     teacher_fingerprint,
+    teacher_topk,
 )
 from growlm.errors import GrowlmError
 from growlm.models.model import GPT
@@ -137,6 +138,16 @@ def test_the_bound_is_needed_dropping_the_rest_bucket_breaks_it(teacher, tmp_pat
     dense = dense_forward_kl(s_logits, t_logits)
     bound = sparse_kd_gap_bound(s_logits, lp, ids, rest)
     assert not (-1e-5 <= dense - no_rest <= bound + 1e-5)
+
+
+def test_the_remaining_mass_keeps_its_precision_when_tiny():
+    z = torch.randn(3, 5, V, dtype=torch.float64) * 2
+    z[..., 7] += 80.0  # one token holds all but ~1e-30 of the mass
+    lp, ids, rest = teacher_topk(z.float(), 4)
+    ref = z.log_softmax(-1).scatter(-1, z.topk(4, dim=-1).indices, -torch.inf).logsumexp(-1)
+    assert (ref < -60).all()
+    torch.testing.assert_close(rest.double(), ref, rtol=1e-5, atol=1e-4)
+    assert (1 - lp.double().exp().sum(-1) <= 1e-12).all()  # what 1 - sum p would have given: nothing
 
 
 def test_float16_storage_is_close_to_float32(teacher, tmp_path):

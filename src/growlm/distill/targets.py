@@ -241,13 +241,16 @@ def open_targets(path: str | Path, expect: TargetsFingerprint | None = None) -> 
 @torch.no_grad()
 def teacher_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(top-k log-probs (..., k) sorted descending, their ids, log of the remaining mass (...)) of
-    logits (..., V), in float32. The remainder is logsumexp over the other V - k logits minus logsumexp
-    over all of them: exact to float rounding even when it is 1e-30 (1 - sum p would give 0 or < 0)."""
+    logits (..., V), in float32. The remainder is the sum of exp(z_j - max z) over the other V - k tokens
+    (the top-k zeroed in place), never 1 - sum p_i: it keeps its relative precision when it is 1e-30
+    (the subtraction would give 0 or a negative number); it is -inf only below exp(-87) of the top."""
     z = logits.float()
-    logz = z.logsumexp(-1, keepdim=True)
+    top = z.amax(-1, keepdim=True)
+    e = (z - top).exp_()  # (..., V), one pass; its sum is the partition function / exp(top)
+    log_s = e.sum(-1, keepdim=True).log()
     vals, ids = z.topk(k, dim=-1, sorted=True)
-    rest = z.scatter(-1, ids, float("-inf")).logsumexp(-1) - logz.squeeze(-1)
-    return vals - logz, ids, rest
+    rest = e.scatter_(-1, ids, 0.0).sum(-1).log() - log_s.squeeze(-1)
+    return vals - top - log_s, ids, rest
 
 
 def build_targets(teacher: nn.Module, data: Any, seq_len: int, k: int, cache_dir: str | Path | None = None,

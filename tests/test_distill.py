@@ -50,14 +50,17 @@ def test_logit_kd_run_logs_every_term_and_the_teacher(tmp_path):
                                                           hidden_layers="uniform", projector="orthogonal"))
     tr, res = run(cfg, student_of(t), t)
     recs = metrics(tmp_path / "run" / "metrics.jsonl")
-    first = recs[0]
-    assert first["step"] == 0 and first["teacher_val_loss"] == pytest.approx(tr.evaluate(model=tr.distiller))
+    dist = [r for r in recs if r.get("kind") == "distill"]
+    first = next(r for r in recs if r.get("kind") == "train")
+    assert first["step"] == 0 and first["teacher_val_loss"] == pytest.approx(tr.evaluate(model=tr.distill.teacher))
+    assert len(dist) == 1 and dist[0]["teacher_params"] == t.num_params() and dist[0]["student_params"] == tr.model.num_params()
+    assert dist[0]["teacher_config"]["n_layer"] == 4 and dist[0]["student_config"]["n_layer"] == 2
     steps = [r for r in recs if r.get("kind") == "train" and r["step"] > 0]
     assert all({"loss", "kd", "hidden"} <= set(r) for r in steps)
     # the logged total is ce_weight CE + kd_weight KD + hidden_weight H (the loss a step minimises)
     assert res.val_loss < first["val_loss"]
     # projectors trained with the student and stayed orthogonal
-    w = tr.objective.projectors[0].weight
+    w = tr.distill.objective.projectors[0].weight
     assert torch.allclose(w @ w.T, torch.eye(w.shape[0]), atol=1e-5)
     assert tr.state.teacher and len(tr.state.teacher) >= 16
 

@@ -10,11 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from growlm.distill.objectives import sparse_kd_gap_bound, sparse_kd_loss
 from growlm.distill.targets import (
     build_targets,
     open_targets,
-    sparse_kd_gap_bound,
-    sparse_kd_loss,
     targets_fingerprint,
     teacher_fingerprint,
     teacher_topk,

@@ -1,5 +1,5 @@
-"""Teacher targets cached on disk: the teacher's top-k log-probabilities per training position, and the
-distillation loss computed from them.
+"""Teacher targets cached on disk: the teacher's top-k log-probabilities per training position (the loss
+computed from them is `growlm.distill.objectives.sparse_kd_loss`).
 
 A teacher forward pass on every step of every epoch is the larger part of logit distillation's cost when
 the teacher is bigger than the student. Its predictions on the (fixed) training blocks do not change, so
@@ -18,7 +18,7 @@ log r is computed as logsumexp of the non-top-k logits minus the log-partition f
 relative precision when r is tiny (1 - sum p_i would cancel). Raw top-k caching of teacher logits is
 the "sparse KD" of Raman et al. 2023 ("For Distillation, Tokens Are Not All You Need") and Anshumann et
 al. 2025 ("Sparse Logit Sampling"); keeping the remainder as one extra outcome is what makes the
-k = V case exact and the k < V case a bounded under-estimate (see `sparse_kd_loss`).
+k = V case exact and the k < V case a bounded under-estimate (`growlm.distill.objectives.sparse_kd_loss`).
 
 A cache is refused, with one line naming the difference, when its fingerprint is not the one expected
 (another teacher, data, tokenizer, seq_len or k) or when a file is truncated or does not match meta.json.
@@ -46,7 +46,6 @@ from growlm.models.assets import cache_dir as _growlm_cache_dir
 
 FORMAT_VERSION = 1
 STORAGE_DTYPES = ("float16", "float32")
-KINDS = ("forward_kl", "ce")
 _FILES = ("logprobs", "ids", "rest_logmass")
 
 
@@ -300,121 +299,3 @@ def build_targets(teacher: nn.Module, data: Any, seq_len: int, k: int, cache_dir
     finally:
         teacher.train(was_training)
     return open_targets(path, fp)
-
-
-# -- the loss from cached targets ---------------------------------------------------------------------
-def _student_buckets(student_logits: torch.Tensor, ids: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
-    """log Q (B, T, k + 1): the student's log-probabilities of the cached ids and of all other tokens."""
-    s = student_logits[..., :vocab_size] if vocab_size is not None else student_logits
-    log_q = s.float().log_softmax(-1)  # (B, T, V)
-    top = log_q.gather(-1, ids)  # (B, T, k)
-    # A finite fill, not -inf: with k = V the rest is empty, and logsumexp's backward over all -inf is nan.
-    rest = log_q.scatter(-1, ids, torch.finfo(torch.float32).min).logsumexp(-1, keepdim=True)
-    return torch.cat([top, rest], -1)
-
-
-def _teacher_buckets(logprobs: torch.Tensor, rest_logmass: torch.Tensor) -> torch.Tensor:
-    """log P (B, T, k + 1), renormalised (float16 storage leaves sum p_i + r a few 1e-4 away from 1)."""
-    log_p = torch.cat([logprobs.float(), rest_logmass.float().unsqueeze(-1)], -1)
-    return log_p - log_p.logsumexp(-1, keepdim=True)
-
-
-def _masked_mean(per_position: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if mask is None:
-        return per_position.mean()
-    m = mask.to(per_position.dtype)
-    return (per_position * m).sum() / m.sum().clamp_min(1.0)
-
-
-def sparse_kd_loss(student_logits: torch.Tensor, logprobs: torch.Tensor, ids: torch.Tensor, rest_logmass: torch.Tensor,
-                   temperature: float = 1.0, mask: torch.Tensor | None = None, kind: str = "forward_kl",
-                   vocab_size: int | None = None) -> torch.Tensor:
-    """Distillation loss from cached top-k teacher targets, mean over (masked) positions, times T^2.
-
-    The cache knows the teacher's p_i for the top-k set S and r = p(R), R = the other V - k tokens, not
-    how r splits over R. So both distributions are merged onto k + 1 outcomes (the tokens of S and one
-    outcome "rest"): P = (p_i, r), Q = (q_i, q_R) with q_R = sum_{j in R} q_j (logsumexp of the student's
-    other logits, never 1 - sum q_i). With T = 1:
-
-        forward_kl:  KL(P || Q) = sum_i p_i log(p_i / q_i) + r log(r / q_R)
-        ce:          -sum_i p_i log q_i - r log q_R            (= KL(P || Q) + H(P))
-
-    Exactness and the gap. The chain rule of KL over the merge j -> (j if j in S else rest) gives
-
-        KL(p || q) = KL(P || Q) + r * KL(p_R / r || q_R / q_R)                       (1)
-
-    so with k = V (R empty) the loss is the dense forward KL to float rounding, and with k < V it is a lower
-    bound of it (data-processing inequality) that misses gap = r * KL(pbar || qbar), pbar and qbar being the
-    teacher's and student's distributions within R. `sparse_kd_gap_bound` bounds that gap by what is known.
-    The gradient with respect to the student logits z_j is q_j - p_i for j in S and q_j * (1 - r / q_R) for
-    j in R: mass is moved between S and R as the teacher says, and within R in proportion to the student's.
-
-    Temperature. The cache stores T = 1 probabilities, and the teacher's tempered rest mass
-    sum_{j in R} p_j^(1/T) / Z_T is not known from r. So for T != 1 both sides are merged first and
-    tempered after: P_T proportional to (p_i^(1/T), r^(1/T)), likewise Q_T from (q_i, q_R); the loss is
-    T^2 * KL(P_T || Q_T) (Hinton et al. 2015's T^2 keeps gradient sizes comparable across T, as
-    `growlm.train.regularize.kd_loss` does). With k = V this is exactly the dense tempered loss; with k < V it
-    is the tempered KL of the merged distributions (identical student and teacher still give 0), not a
-    merge of the tempered dense ones, and the gap bound is stated for T = 1 only.
-
-    Shapes: student_logits (B, T, V'), logprobs / ids (B, T, k), rest_logmass (B, T), mask (B, T) with
-    True (or 1) on the positions that count. `vocab_size` drops student logits beyond the teacher's
-    vocabulary (a student with a padded head), as the dense path does.
-    """
-    if kind not in KINDS:
-        raise GrowlmError(f"sparse KD kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    if not temperature > 0:
-        raise GrowlmError(f"temperature must be > 0, got {temperature}")
-    log_q = _student_buckets(student_logits, ids, vocab_size)
-    log_p = _teacher_buckets(logprobs, rest_logmass)
-    if temperature != 1.0:  # merge, then temper (see the docstring)
-        log_q = (log_q / temperature).log_softmax(-1)
-        log_p = (log_p / temperature).log_softmax(-1)
-    p = log_p.exp()
-    cross = (p * log_q).sum(-1)  # p = 0 where log_q may be the finite fill: 0, not nan
-    if kind == "ce":
-        per = -cross
-    else:
-        per = torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1) - cross
-    return temperature**2 * _masked_mean(per, mask)
-
-
-@torch.no_grad()
-def sparse_kd_gap_bound(student_logits: torch.Tensor, logprobs: torch.Tensor, ids: torch.Tensor,
-                        rest_logmass: torch.Tensor, mask: torch.Tensor | None = None,
-                        vocab_size: int | None = None) -> torch.Tensor:
-    """The largest value dense forward KL - `sparse_kd_loss` (T = 1, same reduction) can take for any
-    teacher consistent with the cache; 0 when k = V.
-
-    By (1) in `sparse_kd_loss` the gap at a position is r * KL(pbar || qbar). The cache fixes r and bounds
-    every pbar_j: a token of R is no likelier than the least likely cached one, so
-    pbar_j <= c = min(1, p_(k) / r). KL(pbar || qbar) is convex in pbar, so over the polytope
-    {pbar >= 0, sum pbar = 1, pbar_j <= c} its maximum is at a vertex: M = floor(1 / c) coordinates equal
-    to c and one equal to 1 - M c; by the rearrangement inequality the large values go to the tokens the
-    student finds least likely (qbar ascending, qbar_(1) <= qbar_(2) <= ...):
-
-        gap <= r * [ sum_{m=1..M} c log(c / qbar_(m)) + (1 - M c) log((1 - M c) / qbar_(M+1)) ]
-
-    The bound is attained by a teacher with the same cache, so nothing computed from the cache alone can be
-    smaller. It is small when r is (a peaked teacher) and grows with how unlikely the student finds the
-    least likely tokens; it uses the student's full logits, which the loss has anyway.
-    """
-    s = student_logits[..., :vocab_size] if vocab_size is not None else student_logits
-    log_q = s.float().log_softmax(-1)  # (B, T, V)
-    v, k = log_q.shape[-1], ids.shape[-1]
-    if k >= v:
-        return torch.zeros((), device=log_q.device)
-    log_p = _teacher_buckets(logprobs, rest_logmass)
-    log_r = log_p[..., -1]  # (B, T)
-    log_qr = log_q.scatter(-1, ids, torch.finfo(torch.float32).min).logsumexp(-1)  # (B, T)
-    c = (log_p[..., :-1].min(-1).values - log_r).exp().clamp(max=1.0).clamp(min=1.0 / (v - k))  # (B, T)
-    m_count = torch.floor(1.0 / c + 1e-6).clamp(max=v - k)  # M per position
-    rem = (1.0 - m_count * c).clamp(min=0.0)
-    n_take = int(min(m_count.max().item() + 1, v - k))
-    smallest = (-log_q.scatter(-1, ids, float("inf"))).topk(n_take, dim=-1).values.neg()  # (B, T, n) ascending log q
-    log_qbar = smallest - log_qr.unsqueeze(-1)
-    m = torch.arange(n_take, device=log_q.device)
-    w = torch.where(m < m_count.unsqueeze(-1), c.unsqueeze(-1), torch.where(m == m_count.unsqueeze(-1), rem.unsqueeze(-1), 0.0))
-    kl_max = torch.where(w > 0, w * (w.clamp_min(1e-38).log() - log_qbar), torch.zeros_like(w)).sum(-1)  # (B, T)
-    per = torch.where(torch.isfinite(log_r), log_r.exp() * kl_max, torch.zeros_like(kl_max))
-    return _masked_mean(per, mask)

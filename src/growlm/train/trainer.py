@@ -20,11 +20,8 @@ Growth during training (operators in `growlm.growth`):
   gradient's scale away, so scaling the gradient would not change the step);
 - regularisers (`growlm.train.regularize`): KD from the frozen pre-growth snapshot and EWC anchored at growth.
 
-Distillation (`growlm distill`, a config with distill.teacher) is the same loop with a teacher: the loss is
-`growlm.distill.objectives.Objective` (CE + logits + hidden-state + attention terms), the teacher runs every
-step (online) or its top-k predictions are read from a memory-mapped cache (`growlm.distill.targets`). The
-teacher is not saved in checkpoints; the fingerprint of its weights is, and a resume with another teacher is
-refused. The objective's projectors train with the student (same AdamW) and are checkpointed.
+Distillation (`growlm distill`, a config with distill.teacher) is the same loop with a teacher and its
+objective (`growlm.train.distillation.Distillation`); the teacher's identity is checked on resume.
 
 Non-finite loss policy: a step whose loss (or gradient norm) is NaN/inf is skipped (no update, its batch
 is consumed, the schedule advances); more than `max_nan_skips` consecutive skips stop the run with a
@@ -50,8 +47,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from growlm.distill.objectives import Objective, next_token_loss
-from growlm.distill.targets import SparseTargets, TeacherTargets, build_targets, teacher_fingerprint
 from growlm.errors import GrowlmError
 from growlm.growth import grow, with_vocab_sources
 from growlm.io import check_writable, parse_dtype, remove_stale_temporaries
@@ -61,8 +56,9 @@ from growlm.train import checkpoint as ckpt
 from growlm.train import parallel
 from growlm.train.build import check_inputs, setup
 from growlm.train.config import TrainConfig, comparable, config_differences, resume_changes
+from growlm.train.distillation import Distillation
 from growlm.train.data import BlockSampler, PackedData, prepare_data, retention_text, stack_blocks, text_blocks
-from growlm.train.flops import executed_flops_per_token, flops_per_token
+from growlm.train.flops import executed_flops_per_token
 from growlm.train.optim import (build_optimizer, freeze_zero_update, lr_at, multiplied_step, transfer_adamw_state,
                                 update_multipliers)
 from growlm.train.regularize import EWC, build_ewc, kd_loss
@@ -149,14 +145,14 @@ class Trainer:
         self.state = self._fresh_state()
         self.teacher: GPT | None = None  # the pre-growth snapshot of reg.kd_weight (saved in checkpoints)
         self.ewc: EWC | None = None
-        self.distiller: GPT | None = None  # the teacher of a distillation (distill.teacher; never saved)
-        self.objective: Objective | None = None
-        self.targets: TeacherTargets | None = None
+        self.distill: Distillation | None = None  # the teacher of a distillation (distill.teacher; never saved)
         self.student_record = student_record  # how the student was cut from the teacher (metrics: kind=distill)
         if cfg.distill.teacher is not None:
             if teacher is None:
                 raise GrowlmError("distill.teacher is set but no teacher model was given")
-            self._setup_distillation(teacher)
+            progress = lambda done, n: self.callback("progress", {"task": "targets", "done": done, "total": n})  # noqa: E731
+            self.distill = Distillation(cfg, self.model, teacher, data, self.device, self.dtype, progress)
+            self.state.teacher = self.distill.fingerprint
         self.peak = parallel.peak_flops(r, self.dtype, self.device)
         self._t_last, self._tokens_last = time.perf_counter(), 0
         self._rebuild_optimizer()
@@ -188,25 +184,7 @@ class Trainer:
     def _rebuild_optimizer(self) -> None:
         """Freeze what has a zero update everywhere, then a fresh AdamW over the rest (and the objective's projectors)."""
         freeze_zero_update(self.model, self.multipliers())
-        self.optimizer = build_optimizer(self.model, self.cfg.optim, self.objective)
-
-    def _setup_distillation(self, teacher: GPT) -> None:
-        """The teacher (frozen, on this device), the objective, and with distill.targets=cached the cache
-        (built on first use; a progress task 'targets')."""
-        d, seq = self.cfg.distill, self.cfg.data.seq_len
-        if teacher.config.vocab_size > self.model.config.vocab_size:
-            raise GrowlmError(f"the teacher's vocabulary ({teacher.config.vocab_size}) is larger than the student's "
-                              f"({self.model.config.vocab_size}): they must share one tokenizer")
-        if seq > teacher.config.block_size:
-            raise GrowlmError(f"data.seq_len={seq} exceeds the teacher's context length {teacher.config.block_size}")
-        self.distiller = teacher.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
-        self.state.teacher = teacher_fingerprint(self.distiller)
-        self.objective = Objective(d.objective, self.model.config, teacher.config).to(device=self.device, dtype=self.dtype)
-        if d.targets == "cached":
-            progress = lambda done, n: self.callback("progress", {"task": "targets", "done": done, "total": n})  # noqa: E731
-            self.targets = build_targets(self.distiller, self.data, seq, d.top_k, d.targets_dir, d.targets_dtype,
-                                         batch_size=self.cfg.run.micro_batch, progress=progress,
-                                         teacher_hash=self.state.teacher)
+        self.optimizer = build_optimizer(self.model, self.cfg.optim, self.distill and self.distill.objective)
 
     def _autocast(self):
         if self.cfg.run.autocast == "bf16":
@@ -216,8 +194,8 @@ class Trainer:
     # -- one step -------------------------------------------------------------------------------------
     def _loss(self, x: torch.Tensor, y: torch.Tensor, blocks: list[int] | None = None
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.objective is not None:
-            return self._distill_loss(x, y, blocks)
+        if self.distill is not None:
+            return self.distill.loss(self.ddp, x, y, blocks, self._autocast)
         with self._autocast():
             logits = self.ddp(x)
         ce = F.cross_entropy(logits.to(_loss_dtype(logits)).reshape(-1, logits.shape[-1]), y.reshape(-1))
@@ -233,28 +211,6 @@ class Trainer:
             pen = self.ewc.penalty(self.model)
             loss = loss + pen.to(loss.dtype)
             parts["ewc"] = pen.detach()
-        return loss, parts
-
-    def _distill_loss(self, x: torch.Tensor, y: torch.Tensor, blocks: list[int] | None
-                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The objective between the student and the teacher (online) or the cached targets of `blocks`."""
-        o = self.objective
-        rich = o.needs_hidden_states or bool(o.student_attention_layers)
-        with self._autocast():
-            out = self.ddp(x, output_hidden_states=o.needs_hidden_states,
-                           attention_layers=o.student_attention_layers) if rich else self.ddp(x)
-            if self.targets is not None:
-                if blocks is None:
-                    raise GrowlmError("cached teacher targets need the block indices of the batch")
-                t_out: Any = SparseTargets(*self.targets.get(blocks, self.device))
-            else:
-                with torch.no_grad():
-                    t_out = self.distiller(x, output_hidden_states=o.needs_hidden_states,
-                                           attention_layers=o.teacher_attention_layers) if rich else self.distiller(x)
-        loss, parts = o(out, t_out, y)
-        if "ce" not in parts:  # logged whatever the weights: the quantity the validation loss is comparable to
-            logits = out if isinstance(out, torch.Tensor) else out.logits
-            parts["ce"] = next_token_loss(logits.detach(), y)
         return loss, parts
 
     def train_step(self) -> dict[str, Any]:
@@ -279,7 +235,8 @@ class Trainer:
             total += loss.detach().double().cpu() / r.grad_accum
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0) + v.double().cpu() / r.grad_accum
-        params = [p for m in (self.model, self.objective) if m is not None for p in m.parameters() if p.requires_grad]
+        extra = [] if self.distill is None else list(self.distill.objective.parameters())
+        params = [p for p in [*self.model.parameters(), *extra] if p.requires_grad]
         gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf"))
         finite = torch.tensor([float(torch.isfinite(total)) * float(torch.isfinite(gnorm.detach().cpu()))], dtype=torch.float64)
         finite = parallel.all_mean(finite, self.world, self.device)
@@ -309,9 +266,7 @@ class Trainer:
         """Executed training FLOPs per token: the student's step, plus the teacher's forward when it runs online."""
         seq = self.cfg.data.seq_len
         f = executed_flops_per_token(self.model, seq)
-        if self.distiller is not None and self.targets is None:
-            f += flops_per_token(self.distiller.config, seq, training=False)
-        return f
+        return f + (self.distill.extra_flops_per_token() if self.distill is not None else 0.0)
 
     # -- evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -445,9 +400,9 @@ class Trainer:
                    "trainable_params": self.model.num_params(trainable_only=True)}
             if "base" in self.state.retention:
                 rec["retention_loss"] = self.state.retention["base"]
-            if self.distiller is not None:
-                rec["teacher_val_loss"] = self.evaluate(model=self.distiller)
-                self._write_metrics(self._distill_record(rec["teacher_val_loss"]))
+            if self.distill is not None:
+                rec["teacher_val_loss"] = self.evaluate(model=self.distill.teacher)
+                self._write_metrics(self.distill.record(self.model, rec["teacher_val_loss"], self.student_record))
             self._write_metrics(rec)
             self.callback("log", rec)
             if self.growth_due(None):
@@ -489,17 +444,6 @@ class Trainer:
                                  "best_val_loss": self.state.best_val})
         return TrainResult(self.model, self.state.step, self.state.last_val, self.state.base_val, self.state.events, self.state.retention, self.out_dir)
 
-    def _distill_record(self, teacher_val: float) -> dict[str, Any]:
-        """kind=distill: the teacher, the student's shape against it and how it was cut (for reports)."""
-        keep = ("init", "spec", "kept_layers", "dropped_layers", "layer_importance")
-        how = {k: v for k, v in (self.student_record or {}).items() if k in keep}
-        d = self.cfg.distill
-        return {"kind": "distill", "step": 0, "teacher": d.teacher, "teacher_fingerprint": self.state.teacher,
-                "targets": d.targets, "top_k": d.top_k if d.targets == "cached" else None,
-                "teacher_config": self.distiller.config.to_dict(), "student_config": self.model.config.to_dict(),
-                "teacher_params": self.distiller.num_params(), "student_params": self.model.num_params(),
-                "teacher_val_loss": teacher_val, "student": _jsonable(how)}
-
     def _keep_checkpoint_before(self, bad_from: int) -> str:
         """After a non-finite streak: the weights from step `bad_from` on led into it (a skipped step does
         not change them), so the newest checkpoint before that step becomes latest.json, what a resume takes."""
@@ -523,8 +467,8 @@ class Trainer:
         tensors = self.state.tensors()
         if self.ewc is not None:
             tensors["ewc"] = self.ewc.tensors()
-        if self.objective is not None and len(self.objective.state_dict()):
-            tensors["objective"] = self.objective.state_dict()
+        if self.distill is not None and len(self.distill.objective.state_dict()):
+            tensors["objective"] = self.distill.objective.state_dict()
         path = ckpt.save_checkpoint(
             self.ckpt_dir, self.state.step, self.model, self.optimizer, self.state.to_dict(self.world),
             comparable(self.cfg.to_dict()), tensors=tensors, teacher=self.teacher, keep_last=self.cfg.run.keep_last,
@@ -551,8 +495,8 @@ class Trainer:
         if self.state.teacher != teacher:
             raise GrowlmError(f"cannot resume {path}: it was distilled from another teacher (weights "
                               f"{self.state.teacher} vs now {teacher})")
-        if "objective" in c["tensors"] and self.objective is not None:
-            self.objective.load_state_dict(c["tensors"]["objective"])
+        if "objective" in c["tensors"] and self.distill is not None:
+            self.distill.objective.load_state_dict(c["tensors"]["objective"])
         ckpt.restore_rng(s, c["rng"])
         if c["teacher"] is not None:
             self.teacher = c["teacher"].to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)

@@ -168,6 +168,23 @@ CASES = [
      ["train", "--config", "c.yaml"], "already holds checkpoints"),
     ("train-resume-nothing", {"c.yaml": _yaml(run={"resume": True})}, ["train", "--config", "c.yaml"], "no usable checkpoint"),
     ("train-out-under-file", {"c.yaml": _yaml(run={"out_dir": "f/run"}), "f": b"x"}, ["train", "--config", "c.yaml"], "is a file"),
+    # -- distill: teacher and student must fit each other before anything is trained or written
+    ("distill-no-teacher", {"c.yaml": _yaml()}, ["distill", "--config", "c.yaml"], "needs a teacher"),
+    ("distill-other-tokenizer", {"c.yaml": _yaml(distill={"student": {"layers": [0]}})},
+     ["distill", "--config", "c.yaml", "--distill.teacher", "@good"], "differs from the teacher's"),
+    ("distill-missing-layer", {"c.yaml": _yaml(model={"tokenizer": None}, distill={"student": {"layers": [0, 5]}})},
+     ["distill", "--config", "c.yaml", "--distill.teacher", "@good"], "do not exist"),
+    ("distill-larger-target", {"c.yaml": _yaml(model={"tokenizer": None}, distill={"student": {"ffn_size": 128}})},
+     ["distill", "--config", "c.yaml", "--distill.teacher", "@good"], "larger than the teacher"),
+    ("distill-not-gqa", {"c.yaml": _yaml(model={"tokenizer": None}, distill={"student": {"n_head": 3}})},
+     ["distill", "--config", "c.yaml", "--distill.teacher", "@good"], "GQA-consistent"),
+    ("distill-layer-map", {"c.yaml": _yaml(model={"tokenizer": None}, distill={
+        "student": {"layers": [0]}, "objective": {"hidden_weight": 1.0, "hidden_layers": [[0, 7]]}})},
+     ["distill", "--config", "c.yaml", "--distill.teacher", "@good"], "layer 7"),
+    ("distill-cached-hidden", {"c.yaml": _yaml(distill={"targets": "cached", "objective": {"hidden_weight": 1.0}})},
+     ["distill", "--config", "c.yaml", "--distill.teacher", "@good"], "activations"),
+    ("distill-out-exists", {"c.yaml": _yaml(model={"tokenizer": None}, distill={"student": {"layers": [0]}}), **FINISHED_RUN},
+     ["distill", "--config", "c.yaml", "--distill.teacher", "@good"], "run.overwrite"),
 ]
 
 

@@ -126,3 +126,67 @@ def test_teacher_with_a_larger_vocabulary_is_refused(tmp_path):
     t = GPT(tiny_config("llama", vocab_size=128))
     with pytest.raises(GrowlmError, match="one tokenizer"):
         run(distill_cfg(tmp_path), GPT(tiny_config("llama")), t)
+
+
+# -- growlm distill end to end ---------------------------------------------------------------------------
+def _teacher_dir(tmp_path) -> str:
+    from growlm.models.hf import save_hf
+
+    torch.manual_seed(3)
+    save_hf(GPT(tiny_config("llama", vocab_size=257, n_layer=4)), tmp_path / "teacher", None)
+    return str(tmp_path / "teacher")
+
+
+def _distill_argv(tmp_path, teacher: str, *extra: str) -> list[str]:
+    (tmp_path / "texts").mkdir(exist_ok=True)
+    for i in range(4):
+        (tmp_path / "texts" / f"t{i}.txt").write_text(" ".join(f"word{j % (5 + i)} thing{j % 7}" for j in range(300)))
+    return ["distill", "--distill.teacher", teacher, "--model.tokenizer", "bytes",
+            "--distill.student", "{n_layer: 2, depth_by: importance, calibration_batches: 2, calibration_seq_len: 16}",
+            "--data.path", str(tmp_path / "texts"), "--data.seq_len", "16", "--data.val_fraction", "0.3",
+            "--data.cache_dir", str(tmp_path / "cache"), "--run.max_steps", "4", "--run.eval_every", "2",
+            "--run.micro_batch", "2", "--run.peak_flops", "0", "--run.out_dir", str(tmp_path / "out"),
+            "--gen_tokens", "4", "--distill.targets_dir", str(tmp_path / "targets"), *extra]
+
+
+def test_growlm_distill_writes_student_comparison_and_card(tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    from growlm.cli import main
+
+    teacher = _teacher_dir(tmp_path)
+    assert main(_distill_argv(tmp_path, teacher, "--distill.targets", "cached", "--distill.top_k", "32")) == 0
+    out = capsys.readouterr().out
+    assert "teacher vs student" in out and "-blocks: 4 x Block" in (tmp_path / "out" / "README.md").read_text()
+    res = json.loads((tmp_path / "out" / "distill_results.json").read_text())
+    recs = [json.loads(ln) for ln in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    dist = next(r for r in recs if r.get("kind") == "distill")
+    assert res["teacher"]["params"] == dist["teacher_params"] and res["student"]["params"] == dist["student_params"]
+    assert dist["student"]["init"] == "pruned" and len(dist["student"]["kept_layers"]) == 2
+    assert dist["top_k"] == 32 and res["student"]["gen_tok_s"] > 0
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert "knowledge-distillation" in card.data.tags and "pruning" in card.data.tags
+    assert "## Teacher vs student" in card.text and "top-32 cache" in card.text
+    # the student saved in hf/ loads and is the 2-layer student
+    from growlm.models.hf import load_model
+
+    student, _ = load_model(str(tmp_path / "out" / "hf"))
+    assert student.config.n_layer == 2
+
+
+def test_a_stale_teacher_cache_is_refused_with_one_line(tmp_path, capsys):
+    from growlm.cli import main
+
+    teacher = _teacher_dir(tmp_path)
+    argv = _distill_argv(tmp_path, teacher, "--distill.targets", "cached", "--run.export_hf", "false")
+    assert main(argv) == 0
+    meta = next((tmp_path / "targets").glob("*/meta.json"))
+    m = json.loads(meta.read_text())
+    m["fingerprint"]["teacher"] = "0" * 16  # the folder now holds another teacher's predictions
+    meta.write_text(json.dumps(m))
+    capsys.readouterr()
+    before = meta.read_bytes()
+    assert main([*argv, "--run.overwrite", "true"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "stale" in err[0] and "teacher" in err[0]
+    assert meta.read_bytes() == before

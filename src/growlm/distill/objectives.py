@@ -468,6 +468,11 @@ class Objective(nn.Module):
                 raise GrowlmError(f"attn_heads: head {bad[0]} does not exist (the student has heads 0..{student.n_head - 1})")
 
     @property
+    def needs_teacher(self) -> bool:
+        """False when every teacher term has weight 0 (a CE-only baseline runs no teacher)."""
+        return self.cfg.kd_weight > 0 or bool(self.hidden_pairs) or bool(self.attn_pairs)
+
+    @property
     def needs_hidden_states(self) -> bool:
         return bool(self.hidden_pairs)
 

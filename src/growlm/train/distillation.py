@@ -56,7 +56,9 @@ class Distillation:
         with autocast():
             out = student(x, output_hidden_states=o.needs_hidden_states,
                           attention_layers=o.student_attention_layers) if rich else student(x)
-            if self.targets is not None:
+            if not o.needs_teacher:
+                t_out = None
+            elif self.targets is not None:
                 if blocks is None:
                     raise GrowlmError("cached teacher targets need the block indices of the batch")
                 t_out: Any = SparseTargets(*self.targets.get(blocks, self.device))
@@ -71,8 +73,10 @@ class Distillation:
         return loss, parts
 
     def extra_flops_per_token(self) -> float:
-        """The teacher's forward FLOPs per token when it runs every step (0 with cached targets)."""
-        return 0.0 if self.targets is not None else flops_per_token(self.teacher.config, self.cfg.data.seq_len, training=False)
+        """The teacher's forward FLOPs per token when it runs every step (0 with cached targets or no teacher term)."""
+        if self.targets is not None or not self.objective.needs_teacher:
+            return 0.0
+        return flops_per_token(self.teacher.config, self.cfg.data.seq_len, training=False)
 
     def record(self, student: GPT, teacher_val: float, student_record: dict[str, Any] | None) -> dict[str, Any]:
         """kind=distill: the teacher, the student's shape against it and how it was cut (for reports)."""

@@ -22,6 +22,7 @@ from growlm.report import load_run, write_card
 from growlm.train import GrowthConfig, ModelSource, OptimConfig, RegConfig, RunConfig, TrainConfig
 from growlm.train import checkpoint as ckpt
 from growlm.train import train as run_training
+from growlm.train.trainer import TrainResult
 from growlm.train.data import DataConfig
 from growlm.train.parallel import dist_info
 
@@ -98,7 +99,13 @@ def train(
         reg: KD from the pre-growth snapshot and EWC.
         run: batch, precision, evaluation, logging, checkpoints, resume.
     """
-    cfg = TrainConfig(model=model, data=data, optim=optim, growth=growth, reg=reg, run=run)
+    run_config(TrainConfig(model=model, data=data, optim=optim, growth=growth, reg=reg, run=run))
+
+
+def run_config(cfg: TrainConfig) -> TrainResult | None:
+    """Run a training (or distillation) config with progress bars and the end-of-run tables and card;
+    the result on rank 0, None elsewhere."""
+    run = cfg.run
     rank0 = int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK; the process group starts in the Trainer
     display = ProgressDisplay(console, enabled=rank0)
     t0 = time.perf_counter()
@@ -133,11 +140,12 @@ def train(
     except KeyboardInterrupt:
         raise KeyboardInterrupt(interrupted_message(cfg, sys.argv[1:])) from None
     if not rank0:
-        return
+        return None
     elapsed = time.perf_counter() - t0
     if res.events:
         console.print(growth_table(res.events))
-    t = Table(title=f"{cfg.model.name}: {res.step} steps in {elapsed:.0f} s", box=box.HEAVY_HEAD if console.is_terminal else box.ASCII)
+    who = f"student of {cfg.distill.teacher}" if cfg.distill.teacher else cfg.model.name
+    t = Table(title=f"{who}: {res.step} steps in {elapsed:.0f} s", box=box.HEAVY_HEAD if console.is_terminal else box.ASCII)
     t.add_column("measure")
     t.add_column("base", justify="right")
     t.add_column("final", justify="right")
@@ -153,3 +161,4 @@ def train(
         console.print("report: " + ", ".join(str(c) for c in cards), highlight=False)
     except Exception as e:  # noqa: BLE001 - the run itself succeeded: say so, and how to retry the report
         console.print(f"report: not written ({type(e).__name__}: {e}); retry with: growlm report {cfg.run.out_dir}", highlight=False)
+    return res

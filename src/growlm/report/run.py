@@ -17,6 +17,8 @@ from growlm.errors import GrowlmError
 
 EVAL_FILE = "eval_results.json"
 """Scores of `growlm report --eval` on the final model, kept in the run directory beside metrics.jsonl."""
+DISTILL_FILE = "distill_results.json"
+"""`growlm distill`'s end-of-run comparison of teacher and student (parameters, perplexity, speed, eval tasks)."""
 
 
 @dataclass
@@ -49,6 +51,10 @@ class RunData:
     config: dict[str, Any] | None = None
     hf_dir: Path | None = None
     evals: dict[str, Any] | None = None
+    distill: dict[str, Any] | None = None
+    """The kind=distill line of a distillation: teacher, its config and the student's, how it was cut."""
+    distill_results: dict[str, Any] | None = None
+    """DISTILL_FILE: teacher and student measured side by side at the end of `growlm distill`."""
     missing: list[str] = field(default_factory=list)
 
     @property
@@ -158,6 +164,8 @@ def load_run(path: str | Path) -> RunData:
         elif kind == "retention":
             run.retention.update({k.removeprefix("retention_loss_"): v for k, v in rec.items()
                                   if k.startswith("retention_loss_") and _finite(v)})
+        elif kind == "distill":
+            run.distill = rec
         elif kind == "run":
             (run.starts if rec.get("event") == "start" else run.ends).append(rec)
     if run.starts and isinstance(run.starts[-1].get("config"), dict):
@@ -176,11 +184,12 @@ def load_run(path: str | Path) -> RunData:
         run.hf_dir = hf
     else:
         run.missing.append("no exported model (hf/): no usage snippet")
-    if (p / EVAL_FILE).is_file():
-        try:
-            run.evals = json.loads((p / EVAL_FILE).read_text())
-        except json.JSONDecodeError:
-            run.missing.append(f"{EVAL_FILE} is not valid JSON; eval scores left out")
+    for name, attr in ((EVAL_FILE, "evals"), (DISTILL_FILE, "distill_results")):
+        if (p / name).is_file():
+            try:
+                setattr(run, attr, json.loads((p / name).read_text()))
+            except json.JSONDecodeError:
+                run.missing.append(f"{name} is not valid JSON; its scores are left out")
     return run
 
 

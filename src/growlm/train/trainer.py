@@ -20,6 +20,9 @@ Growth during training (operators in `growlm.growth`):
   gradient's scale away, so scaling the gradient would not change the step);
 - regularisers (`growlm.train.regularize`): KD from the frozen pre-growth snapshot and EWC anchored at growth.
 
+Distillation (`growlm distill`, a config with distill.teacher) is the same loop with a teacher and its
+objective (`growlm.train.distillation.Distillation`); the teacher's identity is checked on resume.
+
 Non-finite loss policy: a step whose loss (or gradient norm) is NaN/inf is skipped (no update, its batch
 is consumed, the schedule advances); more than `max_nan_skips` consecutive skips stop the run with a
 GrowlmError. Nothing is saved during a non-finite streak, and since a skipped step leaves the weights as
@@ -53,6 +56,7 @@ from growlm.train import checkpoint as ckpt
 from growlm.train import parallel, sharded
 from growlm.train.build import check_inputs, setup
 from growlm.train.config import TrainConfig, comparable, config_differences, resume_changes
+from growlm.train.distillation import Distillation
 from growlm.train.data import BlockSampler, PackedData, prepare_data, retention_text, stack_blocks, text_blocks
 from growlm.train.flops import executed_flops_per_token
 from growlm.train.optim import (build_optimizer, freeze_zero_update, lr_at, multiplied_step, transfer_adamw_state,
@@ -118,7 +122,8 @@ class Trainer:
     """Runs one TrainConfig on a built model and data; `fit()` trains to max_steps (resuming when asked)."""
 
     def __init__(self, cfg: TrainConfig, model: GPT, data: PackedData, tokenizer: Any = None,
-                 callback: Callback | None = None) -> None:
+                 callback: Callback | None = None, teacher: GPT | None = None,
+                 student_record: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.callback = callback or (lambda kind, rec: None)
         r = cfg.run
@@ -140,8 +145,16 @@ class Trainer:
         n_val = data.n_blocks("val", cfg.data.seq_len)
         self.val_indices = list(range(n_val if cfg.data.val_blocks == 0 else min(n_val, cfg.data.val_blocks)))
         self.state = self._fresh_state()
-        self.teacher: GPT | None = None
+        self.teacher: GPT | None = None  # the pre-growth snapshot of reg.kd_weight (saved in checkpoints)
         self.ewc: EWC | None = None
+        self.distill: Distillation | None = None  # the teacher of a distillation (distill.teacher; never saved)
+        self.student_record = student_record  # how the student was cut from the teacher (metrics: kind=distill)
+        if cfg.distill.teacher is not None:
+            if teacher is None:
+                raise GrowlmError("distill.teacher is set but no teacher model was given")
+            progress = lambda done, n: self.callback("progress", {"task": "targets", "done": done, "total": n})  # noqa: E731
+            self.distill = Distillation(cfg, self.model, teacher, data, self.device, self.dtype, progress)
+            self.state.teacher = self.distill.fingerprint
         self.peak = parallel.peak_flops(r, self.dtype, self.device)
         self._t_last, self._tokens_last = time.perf_counter(), 0
         self._rebuild_optimizer()
@@ -172,10 +185,10 @@ class Trainer:
         return sharded.shard_multipliers(self.model, m)  # sharded parameters: placed like them
 
     def _rebuild_optimizer(self) -> None:
-        """Freeze what has a zero update everywhere, then a fresh AdamW over the rest."""
+        """Freeze what has a zero update everywhere, then a fresh AdamW over the rest (and the objective's projectors)."""
         freeze_zero_update(self.model, self.multipliers())
         self.model = sharded.shard(self.model, self.world, self.device, self.cfg.run)  # run.parallel fsdp
-        self.optimizer = build_optimizer(self.model, self.cfg.optim)
+        self.optimizer = build_optimizer(self.model, self.cfg.optim, self.distill and self.distill.objective)
 
     def _autocast(self):
         if self.cfg.run.autocast == "bf16":
@@ -183,7 +196,10 @@ class Trainer:
         return contextlib.nullcontext()
 
     # -- one step -------------------------------------------------------------------------------------
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, blocks: list[int] | None = None
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.distill is not None:
+            return self.distill.loss(self.ddp, x, y, blocks, self._autocast)
         with self._autocast():
             logits = self.ddp(x)
         ce = F.cross_entropy(logits.to(_loss_dtype(logits)).reshape(-1, logits.shape[-1]), y.reshape(-1))
@@ -218,18 +234,22 @@ class Trainer:
             x, y = x.to(self.device), y.to(self.device)
             sync = self.world == 1 or a == r.grad_accum - 1
             with contextlib.nullcontext() if sync else sharded.no_sync(self.ddp):
-                loss, parts = self._loss(x, y)
+                loss, parts = self._loss(x, y, c)
                 (loss / r.grad_accum).backward()
             total += loss.detach().double().cpu() / r.grad_accum
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0) + v.double().cpu() / r.grad_accum
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        extra = [] if self.distill is None else list(self.distill.objective.parameters())
+        for p in extra:  # the projectors sit outside the DDP/FSDP wrapper: average their gradients here
+            if p.grad is not None and self.world > 1:
+                p.grad = parallel.all_mean(p.grad, self.world, self.device).to(p.grad.device)
+        params = [p for p in [*self.model.parameters(), *extra] if p.requires_grad]
         gnorm = sharded.clip_grad_norm_(params, self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf"))
         finite = torch.tensor([float(torch.isfinite(total)) * float(torch.isfinite(gnorm.detach().cpu()))], dtype=torch.float64)
         finite = parallel.all_mean(finite, self.world, self.device)
         n_tokens = len(idx) * seq
         st.tokens += n_tokens
-        st.flops += executed_flops_per_token(self.model, seq) * n_tokens
+        st.flops += self._flops_per_token() * n_tokens
         rec: dict[str, Any] = {"lr": lr}
         if float(finite) < 1.0:  # the policy: skip, then stop after max_nan_skips in a row
             self.optimizer.zero_grad(set_to_none=True)
@@ -249,11 +269,18 @@ class Trainer:
         rec["grad_norm"] = float(gnorm)
         return rec
 
+    def _flops_per_token(self) -> float:
+        """Executed training FLOPs per token: the student's step, plus the teacher's forward when it runs online."""
+        seq = self.cfg.data.seq_len
+        f = executed_flops_per_token(self.model, seq)
+        return f + (self.distill.extra_flops_per_token() if self.distill is not None else 0.0)
+
     # -- evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, blocks: torch.Tensor | None = None) -> float:
-        """Mean token cross-entropy on the validation blocks (or on given (n, seq_len + 1) blocks)."""
-        model, mb, seq = self.model, self.cfg.run.micro_batch, self.cfg.data.seq_len
+    def evaluate(self, blocks: torch.Tensor | None = None, model: GPT | None = None) -> float:
+        """Mean token cross-entropy of the model (or `model`: the teacher) on the validation blocks (or on
+        given (n, seq_len + 1) blocks)."""
+        model, mb, seq = model or self.model, self.cfg.run.micro_batch, self.cfg.data.seq_len
         was_training = model.training
         model.eval()
         total, count = 0.0, 0
@@ -350,7 +377,7 @@ class Trainer:
         dt = max(now - self._t_last, 1e-9)
         tok_s = (self.state.tokens - self._tokens_last) / dt
         self._t_last, self._tokens_last = now, self.state.tokens
-        fpt = executed_flops_per_token(self.model, self.cfg.data.seq_len)
+        fpt = self._flops_per_token()
         rec = {"kind": "train", "step": self.state.step, "tokens": self.state.tokens, "flops": self.state.flops,
                "lr": step_rec.get("lr"), "loss": step_rec.get("loss"),
                "val_loss": val, "val_ppl": math.exp(val) if val is not None and val < 700 else None,
@@ -358,7 +385,7 @@ class Trainer:
                "params": self.model.num_params(), "trainable_params": self.model.num_params(trainable_only=True),
                "peak_mem_mb": parallel.peak_memory_mb(self.device), "generation": self.state.generation, "nan_skips": self.state.nan_skips,
                "elapsed_s": now - self._t_start}  # this segment's wall time so far: the report's time of a killed one
-        for k in ("kd", "ewc", "grad_norm", "skipped"):
+        for k in ("kd", "hidden", "attn", "ewc", "grad_norm", "skipped"):
             if k in step_rec:
                 rec[k] = step_rec[k]
         return rec
@@ -384,6 +411,9 @@ class Trainer:
                    "trainable_params": self.model.num_params(trainable_only=True)}
             if "base" in self.state.retention:
                 rec["retention_loss"] = self.state.retention["base"]
+            if self.distill is not None:
+                rec["teacher_val_loss"] = self.evaluate(model=self.distill.teacher)
+                self._write_metrics(self.distill.record(self.model, rec["teacher_val_loss"], self.student_record))
             self._write_metrics(rec)
             self.callback("log", rec)
             if self.growth_due(None):
@@ -453,6 +483,8 @@ class Trainer:
         tensors = self.state.tensors()
         if self.ewc is not None:
             tensors["ewc"] = self.ewc.tensors()
+        if self.distill is not None and len(self.distill.objective.state_dict()):
+            tensors["objective"] = self.distill.objective.state_dict()
         path = ckpt.save_checkpoint(
             self.ckpt_dir, self.state.step, self.model, self.optimizer, self.state.to_dict(self.world),
             comparable(self.cfg.to_dict()), tensors=tensors, teacher=self.teacher, keep_last=self.cfg.run.keep_last,
@@ -474,7 +506,13 @@ class Trainer:
             raise GrowlmError(f"cannot resume {path}: it was written by {s.get('world')} processes, now {self.world}")
         self.model = c["model"].to(device=self.device, dtype=self.dtype)
         fresh = self._fresh_state()
+        teacher = self.state.teacher
         self.state = TrainState.from_dict(s, c["tensors"], fresh.sampler, fresh.plateau)
+        if self.state.teacher != teacher:
+            raise GrowlmError(f"cannot resume {path}: it was distilled from another teacher (weights "
+                              f"{self.state.teacher} vs now {teacher})")
+        if "objective" in c["tensors"] and self.distill is not None:
+            self.distill.objective.load_state_dict(c["tensors"]["objective"])
         ckpt.restore_rng(s, c["rng"])
         if c["teacher"] is not None:
             self.teacher = c["teacher"].to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
@@ -507,18 +545,21 @@ def _jsonable(d: Any) -> dict[str, Any]:
 
 
 def train(cfg: TrainConfig, callback: Callback | None = None, model: GPT | None = None, tokenizer: Any = None,
-          data: PackedData | None = None) -> TrainResult:
+          data: PackedData | None = None, teacher: GPT | None = None,
+          student_record: dict[str, Any] | None = None) -> TrainResult:
     """Run a TrainConfig to the end and export the final model (rank 0) as a Hugging Face directory.
-    Builds the model, tokenizer and data from the config unless they are given."""
+    Builds the model, tokenizer, data (and the teacher of a distillation) from the config unless the model is given."""
+    record = student_record
     if model is None:
         resume_point(cfg)  # a config that cannot resume (or a run folder it may not write) fails before loading
         progress = None if callback is None else (lambda d, n: callback("progress", {"task": "tokenise", "done": d, "total": n}))
-        model, tokenizer, data = setup(cfg, progress)
+        built = setup(cfg, progress)
+        model, tokenizer, data, teacher, record = built.model, built.tokenizer, built.data, built.teacher, built.student_record
     elif data is None:
         if tokenizer is None:
             raise GrowlmError("no tokenizer: set model.tokenizer")
         data = prepare_data(cfg.data, tokenizer)
-    trainer = Trainer(cfg, model, data, tokenizer, callback)
+    trainer = Trainer(cfg, model, data, tokenizer, callback, teacher, record)
     result = trainer.fit()
     full = sharded.full_model(trainer.model) if cfg.run.export_hf else None  # collective when sharded
     if cfg.run.export_hf and trainer.rank == 0:

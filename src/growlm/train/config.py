@@ -278,8 +278,6 @@ class TrainConfig:
         if self.distill.teacher is not None and self.growth.trigger != "none" and (o.hidden_weight > 0 or o.attn_weight > 0):
             raise GrowlmError("growth during distillation supports the logits and CE objectives only (the hidden-state "
                               "and attention maps are fixed to the student's shape): set hidden_weight and attn_weight to 0")
-
-    def __post_init__(self) -> None:
         if self.run.parallel == "fsdp" and self.reg.ewc_lambda > 0:
             raise GrowlmError("reg.ewc_lambda > 0 is not supported with run.parallel fsdp yet; use run.parallel ddp")
 

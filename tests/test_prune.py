@@ -362,12 +362,25 @@ def test_prune_cli_refuses_an_existing_output_and_replaces_it_with_overwrite(sav
 
 # -- SmolLM2 ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_smollm2_cut_to_10_layers_by_importance_beats_random_init(smollm2):
+def test_smollm2_cut_by_importance(smollm2):
+    """30 -> 10 layers by Block Influence on 2 calibration sequences of 128 tokens. One-shot, before any
+    training, a third of SmolLM2 is not a language model any more (its loss is about that of a uniform
+    guess, as ShortGPT and Minitron report for deep cuts), but the measured importance keeps far more than a
+    uniform spread of the same 10 layers; cut to 20 layers the pruned student is far below a random init."""
     teacher, tok = smollm2
     calib, val = calibration_blocks(None, tok, 128, 2, 4)
-    spec = StudentSpec(n_layer=10, depth_by="importance", calibration_batches=2, calibration_seq_len=128)
-    s, rec = make_student(teacher, spec, calib[:, :-1])
-    r, _ = make_student(teacher, StudentSpec(**{**spec.to_dict(), "init": "random"}))
-    assert s.config.n_layer == 10 and len(rec["layer_importance"]) == 30
-    pruned, rand = block_loss(s, val), block_loss(r, val)
-    assert math.isfinite(pruned) and pruned < rand, (pruned, rand)
+    losses = {}
+    for n in (10, 20):
+        spec = StudentSpec(n_layer=n, depth_by="importance", calibration_batches=2, calibration_seq_len=128)
+        s, rec = make_student(teacher, spec, calib[:, :-1])
+        assert s.config.n_layer == n and len(rec["layer_importance"]) == 30 and 0 in rec["kept_layers"]
+        losses[n, "importance"] = block_loss(s, val)
+        del s
+    uniform, _ = make_student(teacher, StudentSpec(n_layer=10), None)
+    losses[10, "uniform"] = block_loss(uniform, val)
+    del uniform
+    rand, _ = make_student(teacher, StudentSpec(n_layer=20, init="random"), None)
+    losses["random"] = block_loss(rand, val)
+    assert all(math.isfinite(v) for v in losses.values()), losses
+    assert losses[10, "importance"] < losses[10, "uniform"] - 1.0, losses
+    assert losses[20, "importance"] < losses["random"] - 3.0, losses

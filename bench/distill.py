@@ -132,13 +132,14 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--layers", type=int, default=10, help="student depth (teacher: 30)")
     p.add_argument("--ffn", type=int, default=768, help="the width+depth student's FFN size (teacher: 1536)")
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--hidden-weight", type=float, default=1.0)
-    p.add_argument("--chars", type=int, default=700_000, help="characters of general text to train and validate on")
-    p.add_argument("--val-blocks", type=int, default=24)
+    p.add_argument("--chars", type=int, default=140_000, help="characters of general text (whole articles) to train and validate on")
+    p.add_argument("--val-blocks", type=int, default=32)
+    p.add_argument("--val-fraction", type=float, default=0.3)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill.json"))
     args = p.parse_args()
@@ -155,7 +156,7 @@ def main() -> None:
     rows, meta = [], {}
     students: dict = {}
     for i, seed in enumerate(args.seeds):
-        data_cfg = DataConfig(path=path or None, seq_len=args.seq_len, val_fraction=0.1, val_blocks=args.val_blocks,
+        data_cfg = DataConfig(path=path or None, seq_len=args.seq_len, val_fraction=args.val_fraction, val_blocks=args.val_blocks,
                               seed=1234 + seed, cache_dir=str(work / "data"))
         data = prepare_data(data_cfg, tok)
         if not students:  # cut once (seed 0's calibration blocks): every arm and seed starts from the same weights

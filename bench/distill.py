@@ -17,7 +17,7 @@ that folder is absent, said in the output). Arms, per seed:
 `cache_speedup` = median step time online / cached (kd_online vs kd, first seed); `cache_speedup_expected`
 = (teacher forward + student step FLOPs) / student step FLOPs (`growlm.train.flops`).
 
-Run: python bench/distill.py                 (~20 min on 2 cores; writes bench/results/distill.json)
+Run: python bench/distill.py                 (~25 min on 2 quiet cores; writes bench/results/distill.json)
      python bench/distill.py --quick         (a minute: 2 layers, 3 steps; checks the script, not the claim)
 """
 
@@ -128,7 +128,7 @@ def summarise(rows: list[dict], key: str = "ppl") -> dict[str, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=24)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--layers", type=int, default=10, help="student depth (teacher: 30)")
     p.add_argument("--ffn", type=int, default=768, help="the width+depth student's FFN size (teacher: 1536)")

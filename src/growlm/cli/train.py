@@ -114,9 +114,9 @@ def run_config(cfg: TrainConfig) -> TrainResult | None:
     def on(kind: str, rec: dict) -> None:
         if dist_info()[0] != 0:
             return
-        if kind == "progress":  # tokenising the corpus (bar, or plain lines), evaluating (bar only: the step line has val)
-            tokenise = rec["task"] == "tokenise"
-            display.update(rec["task"], rec["done"], rec["total"], "docs" if tokenise else "batches", log=tokenise)
+        if kind == "progress":  # tokenising the corpus, building a teacher cache (bar, or plain lines); evaluating
+            unit = {"tokenise": "docs", "targets": "blocks"}.get(rec["task"], "batches")  # (bar only: the step line has val)
+            display.update(rec["task"], rec["done"], rec["total"], unit, log=unit != "batches")
         elif kind == "log":
             now = time.perf_counter()
             first[:] = first or [(rec["step"], now)]

@@ -127,10 +127,16 @@ def prepare_corpus(work: Path, args: argparse.Namespace) -> tuple[str | None, An
 
 # -- schedules ----------------------------------------------------------------------------------------
 def final_shape(args: argparse.Namespace) -> dict[str, int]:
-    return dict(n_layer=args.layers, n_embd=args.n_embd, n_head=args.n_head, n_kv_head=args.n_kv_head, ffn_size=args.ffn)
+    """The final architecture's ModelConfig overrides (head_dim explicit: the tiny-llama preset fixes its own)."""
+    if args.n_embd % (2 * args.n_head) or args.n_head % (2 * args.n_kv_head) or args.ffn % 2:
+        raise SystemExit("--n-embd must be a multiple of 2 x --n-head, --n-head of 2 x --n-kv-head, --ffn even "
+                         "(the width schedules start at half of each)")
+    return dict(n_layer=args.layers, n_embd=args.n_embd, n_head=args.n_head, n_kv_head=args.n_kv_head,
+                head_dim=args.n_embd // args.n_head, ffn_size=args.ffn)
 
 
 def half_width(shape: dict[str, int]) -> dict[str, int]:
+    """Hidden size, heads, KV heads and FFN halved at the same head_dim (width factor 2 restores them)."""
     return dict(shape, **{k: shape[k] // 2 for k in ("n_embd", "n_head", "n_kv_head", "ffn_size")})
 
 
@@ -240,7 +246,7 @@ def compare(grown_dir: Path, scratch_dir: Path) -> dict[str, Any]:
         "final_val_loss": cg[-1][1], "scratch_final_val_loss": target, "flops": cg[-1][0], "scratch_flops": cs[-1][0],
         "flops_ratio": cg[-1][0] / cs[-1][0],
         "flops_to_target": fg, "scratch_flops_to_target": fs,
-        "speedup": (fs / fg) if fg else None, "common_loss": common,
+        "speedup": (fs / fg) if fg else None, "speedup_minus_1": (fs / fg - 1) if fg else None, "common_loss": common,
         "speedup_common": (fs_c / fg_c) if fs_c and fg_c else None,
         "loss_at_equal_flops": cg[-1][1] - at_equal if at_equal is not None else None,
         "events": events, "max_fp_event_delta": max(fp) if fp else None,
@@ -291,7 +297,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         data = prepare_data(data_cfg, tok)
         print(f"seed {seed}: {data.n_blocks('train', args.seq_len)} training blocks of {args.seq_len} tokens, "
               f"{args.steps * args.micro_batch} used", flush=True)
+        t0 = time.perf_counter()
         dirs = {"scratch": run_one("scratch", seed, 0.5, args, tok, data, data_cfg, runs_dir)}
+        if i == 0:  # grown runs cost about 0.8-0.95 of a scratch run (fewer FLOPs, less efficient small matmuls)
+            n_runs = 1 + 0.9 * (len(args.schedules) - 1 + (len(args.sweep_fracs) - 1 if frac is None else 0))
+            n_runs = n_runs * len(args.seeds) if not args.sweep else 1 + 0.9 * len(args.sweep_fracs)
+            print(f"expected total: about {(n_runs * (time.perf_counter() - t0) + t0 - t_start) / 60:.0f} min", flush=True)
         if i == 0 and (frac is None or args.sweep):
             fracs = args.sweep_fracs
             sweep_rows = sweep(args, fracs, seed, tok, data, data_cfg, runs_dir, dirs["scratch"])
@@ -379,7 +390,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=160, help="optimizer steps of every run (the token budget)")
+    p.add_argument("--steps", type=int, default=128, help="optimizer steps of every run (the token budget)")
     p.add_argument("--layers", type=int, default=8, help="final depth (a multiple of 4)")
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--n-head", type=int, default=4)
@@ -391,8 +402,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup-frac", type=float, default=0.05, help="learning-rate warm-up (and progressive_warm's re-warm) as a fraction of the steps")
     p.add_argument("--noise", type=float, default=0.01, help="width growth's symmetry-breaking noise")
-    p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--val-blocks", type=int, default=64)
+    p.add_argument("--eval-every", type=int, default=8)
+    p.add_argument("--val-blocks", type=int, default=48)
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--chars", type=int, default=2_500_000, help="characters of articles to train and validate on")
     p.add_argument("--article-chars", type=int, default=6000, help="cut each article after the paragraph that passes this many characters")
@@ -414,7 +425,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.sweep_fracs = [0.25, 0.5]
     if args.sweep and args.sweep_fracs == [0.1, 0.25, 0.5]:
         args.sweep_fracs = [0.05, 0.1, 0.2, 0.3, 0.5, 0.7]
-    if args.event_frac != "auto" and not 0 < float(args.event_frac) < 1:
+    try:
+        ok = args.event_frac == "auto" or 0 < float(args.event_frac) < 1
+    except ValueError:
+        ok = False
+    if not ok:
         raise SystemExit(f"--event-frac must be in (0, 1) or 'auto', got {args.event_frac}")
     if "scratch" not in args.schedules:
         args.schedules = ["scratch", *args.schedules]

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from growlm.models.config import ModelConfig
+from growlm.models.head import chunked_cross_entropy
 
 
 class LayerNorm(nn.Module):
@@ -221,11 +222,17 @@ class GPT(nn.Module):
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
+        targets: torch.Tensor | None = None,
+        loss_chunk: int = 0,
     ) -> torch.Tensor | ModelOutput:
         """Logits (B, T, vocab) for token ids (B, T); a ModelOutput when hidden states are asked for.
 
-        `pos`, `mask` and `cache` mean what they mean in `hidden`.
+        `pos`, `mask` and `cache` mean what they mean in `hidden`. With `targets` (B, T) (-100 = ignored): the
+        mean cross-entropy instead, `loss_chunk` tokens at a time (growlm.models.head; 0 = all logits at once).
         """
+        if targets is not None:  # inside forward(), so that a DDP wrapper sees the head's use
+            h = self._trunk(idx, pos, mask, cache, None)
+            return chunked_cross_entropy(h, self.head_weight, targets, loss_chunk)
         states: list[torch.Tensor] | None = [] if output_hidden_states else None
         logits = F.linear(self._trunk(idx, pos, mask, cache, states), self.head_weight)
         return ModelOutput(logits, states) if output_hidden_states else logits

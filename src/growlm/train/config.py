@@ -195,6 +195,9 @@ class RunConfig:
     """Write the final model as a Hugging Face directory out_dir/hf."""
     retention_blocks: int = 0
     """Blocks of held-out non-Shakespeare text (Python's language reference) scored at start and end (0 = off)."""
+    loss_chunk: int = 1024
+    """Tokens per chunk of the output head + cross-entropy: the (tokens, vocab) logits and their gradient are
+    never built for more than this many tokens at once (0 = all at once). Same loss and gradients."""
     peak_flops: float | None = None
     """Matmul peak for MFU in FLOP/s; None = measure once and cache, 0 = no MFU."""
     overwrite: bool = False
@@ -203,8 +206,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if min(self.max_steps, self.micro_batch, self.grad_accum, self.eval_every, self.log_every, self.keep_last) < 1:
             raise GrowlmError("run: max_steps, micro_batch, grad_accum, eval_every, log_every and keep_last must be >= 1")
-        if min(self.save_every, self.max_nan_skips, self.retention_blocks) < 0:
-            raise GrowlmError("run: save_every, max_nan_skips and retention_blocks must be >= 0")
+        if min(self.save_every, self.max_nan_skips, self.retention_blocks, self.loss_chunk) < 0:
+            raise GrowlmError("run: save_every, max_nan_skips, retention_blocks and loss_chunk must be >= 0")
         if self.peak_flops is not None and not (self.peak_flops >= 0 and math.isfinite(self.peak_flops)):
             raise GrowlmError(f"run.peak_flops must be >= 0, got {self.peak_flops}")
         if self.resume and self.overwrite:
@@ -247,7 +250,8 @@ class TrainConfig:
 
 # Fields that may differ when resuming without a word (they do not change the computation).
 RESUME_MAY_DIFFER = {("run", "resume"), ("run", "peak_flops"), ("run", "export_hf"), ("run", "overwrite"),
-                     ("run", "keep_last"), ("data", "cache_dir"), ("run", "device")}
+                     ("run", "keep_last"), ("data", "cache_dir"), ("run", "device"),
+                     ("run", "loss_chunk")}
 # Fields that may change on resume, each reported in one line: the run's location (folders move), the learning
 # rate and schedule length (the way out of a diverged run), and the eval / save / log cadence.
 RESUME_MAY_CHANGE = {("run", "out_dir"), ("optim", "lr"), ("optim", "min_lr"), ("run", "max_steps"),

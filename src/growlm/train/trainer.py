@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from growlm.errors import GrowlmError
 from growlm.growth import grow, with_vocab_sources
 from growlm.io import check_writable, parse_dtype, remove_stale_temporaries
+from growlm.models.head import chunked_cross_entropy
 from growlm.models.hf import save_hf
 from growlm.models.model import GPT
 from growlm.train import checkpoint as ckpt
@@ -180,12 +181,17 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------------------
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with self._autocast():
-            logits = self.ddp(x)
-        ce = F.cross_entropy(logits.to(_loss_dtype(logits)).reshape(-1, logits.shape[-1]), y.reshape(-1))
-        loss, parts = ce, {"ce": ce.detach()}
         reg = self.cfg.reg
-        if self.teacher is not None and reg.kd_weight > 0:
+        kd = self.teacher is not None and reg.kd_weight > 0
+        with self._autocast():
+            if kd:  # the KD term needs the student's logits
+                logits = self.ddp(x)
+            else:  # the loss inside forward (DDP sees the head), run.loss_chunk tokens of logits at a time
+                ce = self.ddp(x, targets=y, loss_chunk=self.cfg.run.loss_chunk)
+        if kd:
+            ce = F.cross_entropy(logits.to(_loss_dtype(logits)).reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss, parts = ce, {"ce": ce.detach()}
+        if kd:
             with torch.no_grad(), self._autocast():
                 t = self.teacher(x)
             kd = kd_loss(logits, t, reg.kd_temperature)
@@ -261,8 +267,8 @@ class Trainer:
                 x, y = blocks[s : s + mb, :-1], blocks[s : s + mb, 1:]
             x, y = x.to(self.device), y.to(self.device)
             with self._autocast():
-                logits = model(x)
-            total += float(F.cross_entropy(logits.to(_loss_dtype(logits)).reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
+                total += float(chunked_cross_entropy(model.hidden(x), model.head_weight, y, self.cfg.run.loss_chunk,
+                                                     reduction="sum"))
             count += y.numel()
             self.callback("progress", {"task": "eval", "done": min(s + mb, n), "total": n})
         model.train(was_training)

@@ -1,0 +1,128 @@
+"""Speed features that must not change the numbers: the chunked head + cross-entropy, the measured precision
+choice, the MFU peak on the model's shapes, torch.compile in the loop and activation checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from growlm.models.head import chunked_cross_entropy
+from growlm.models.model import GPT
+from tests.conftest import tiny_config
+from tests.test_train import config, metrics, params, trainer
+
+
+# -- chunked head + cross-entropy -----------------------------------------------------------------------
+def _plain(h, w, y, reduction="mean"):
+    logits = F.linear(h, w)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y, reduction=reduction)
+
+
+def _grads(fn, h, w, y, **kw):
+    h = h.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(True)
+    loss = fn(h, w, y, **kw)
+    (loss if loss.dim() == 0 else (loss * torch.linspace(0.5, 2, loss.numel(), dtype=loss.dtype)).sum()).backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "") -> None:
+    """max |got - ref| <= tol * max(1, max |ref|): float rounding of sums taken in another order, relative to the scale."""
+    assert got.dtype == ref.dtype and got.shape == ref.shape, what
+    got, ref = got.detach(), ref.detach()
+    err, scale = float((got - ref).abs().max()), max(1.0, float(ref.abs().max()))
+    assert err <= tol * scale, f"{what}: max abs diff {err:.3g} > {tol:g} x {scale:.3g}"
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_chunked_cross_entropy_equals_the_plain_path(dtype, tol, reduction, chunk):
+    g = torch.Generator().manual_seed(0)
+    N, C, V = 45, 16, 97
+    h = torch.randn(N, C, generator=g, dtype=dtype)
+    w = torch.randn(V, C, generator=g, dtype=dtype) * 0.5
+    y = torch.randint(0, V, (N,), generator=g)
+    y[[0, 5, 6, 44]] = -100  # ignored positions: no loss, no gradient, not in the mean
+    ref = _grads(_plain, h, w, y, reduction=reduction)
+    got = _grads(lambda a, b, c, reduction: chunked_cross_entropy(a, b, c, chunk, reduction=reduction), h, w, y,
+                 reduction=reduction)
+    for r, o, name in zip(ref, got, ("loss", "grad hidden", "grad weight")):
+        _close(o, r, tol, name)
+    assert got[1][[0, 5, 6, 44]].abs().max() == 0  # an ignored row gets no gradient
+
+
+def test_chunked_cross_entropy_frozen_head_and_no_grad():
+    """A frozen head gets no gradient (and none is formed); under no_grad only the loss is computed."""
+    h = torch.randn(20, 8, requires_grad=True)
+    w = torch.randn(50, 8)
+    y = torch.randint(0, 50, (20,))
+    loss = chunked_cross_entropy(h, w, y, 6)
+    loss.backward()
+    torch.testing.assert_close(loss, _plain(h, w, y), atol=1e-6, rtol=1e-6)
+    h2 = h.detach().requires_grad_(True)
+    _plain(h2, w, y).backward()
+    torch.testing.assert_close(h.grad, h2.grad, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        out = chunked_cross_entropy(h, w, y, 6)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, loss.detach())
+
+
+def test_chunked_cross_entropy_under_bf16_autocast():
+    """bf16 autocast: the matmuls in bf16 as F.linear would, loss in float32; same numbers up to bf16 rounding."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(40, 32, generator=g)
+    w = torch.randn(120, 32, generator=g) * 0.3
+    y = torch.randint(0, 120, (40,), generator=g)
+    y[3] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _grads(_plain, h, w, y)
+        got = _grads(lambda a, b, c: chunked_cross_entropy(a, b, c, 16), h, w, y)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32 and got[2].dtype == torch.float32
+    torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)  # the same bf16 logits, fp32 loss
+    for r, o in zip(ref[1:], got[1:]):
+        torch.testing.assert_close(o, r, atol=2e-3, rtol=2e-2)  # bf16 gradients, summed in another order
+    fp32 = _grads(_plain, h, w, y)
+    assert (got[0] - fp32[0]).abs() > 1e-6  # the check above would fail if autocast were ignored
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_model_loss_with_targets_equals_logits_path_and_grads_flow_into_a_tied_head(family, tied):
+    cfg = tiny_config(family, tie_embeddings=tied)
+    model = GPT(cfg).double()
+    x = torch.randint(0, cfg.vocab_size, (3, 10))
+    y = torch.randint(0, cfg.vocab_size, (3, 10))
+    logits = model(x)
+    ref = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), y.reshape(-1))
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss = model(x, targets=y, loss_chunk=7)
+    loss.backward()
+    _close(loss, ref, 1e-12, "loss")
+    for n, p in model.named_parameters():
+        _close(p.grad, ref_grads[n], 1e-12, n)
+    assert model.head_weight.grad.abs().max() > 0
+
+
+def test_trainer_with_chunked_loss_trains_exactly_like_the_plain_path(tmp_path):
+    """run.loss_chunk changes memory, not the run: float64 losses, validation and weights agree to 1e-10."""
+    model = GPT(tiny_config("llama"))
+    runs = {}
+    for chunk in (0, 5):
+        cfg = config(tmp_path, f"c{chunk}", run=dict(max_steps=3, micro_batch=2, dtype="float64", loss_chunk=chunk))
+        res = trainer(cfg, model).fit()
+        runs[chunk] = (metrics(tmp_path / f"c{chunk}" / "metrics.jsonl"), params(res.model))
+    (ma, pa), (mb, pb) = runs[0], runs[5]
+    la = [(r.get("loss"), r.get("val_loss")) for r in ma]
+    lb = [(r.get("loss"), r.get("val_loss")) for r in mb]
+    assert len(la) == len(lb) >= 4
+    for a, b in zip(la, lb):
+        for u, v in zip(a, b):
+            assert (u is None) == (v is None) and (u is None or abs(u - v) < 1e-10), (a, b)
+    for n in pa:
+        _close(pb[n], pa[n], 1e-10, n)
+    assert not torch.equal(pa["wte.weight"], model.wte.weight.double())  # it did train

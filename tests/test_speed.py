@@ -3,12 +3,15 @@ choice, the MFU peak on the model's shapes, torch.compile in the loop and activa
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from growlm.models.head import chunked_cross_entropy
 from growlm.models.model import GPT
+from growlm.train import precision
 from tests.conftest import tiny_config
 from tests.test_train import config, metrics, params, trainer
 
@@ -126,3 +129,70 @@ def test_trainer_with_chunked_loss_trains_exactly_like_the_plain_path(tmp_path):
     for n in pa:
         _close(pb[n], pa[n], 1e-10, n)
     assert not torch.equal(pa["wte.weight"], model.wte.weight.double())  # it did train
+
+
+# -- precision: measured once, bf16 only where faster ---------------------------------------------------
+def fake_timer(bf16_rate: float, calls: list | None = None):
+    """A matmul 'timer' for which float32 runs at 100 GFLOP/s and bf16 at `bf16_rate`."""
+    def timer(m, k, n, dtype, device):
+        if calls is not None:
+            calls.append((m, k, n, dtype))
+        return {torch.float32: 100e9, torch.bfloat16: bf16_rate, torch.float64: 50e9}[dtype]
+    return timer
+
+
+@pytest.mark.parametrize("bf16_rate,expected", [(60e9, "none"), (105e9, "none"), (400e9, "bf16")])
+def test_autocast_auto_picks_bf16_only_where_measured_faster(tmp_path, bf16_rate, expected):
+    cfg = tiny_config("llama")
+    p = precision.choose_autocast("auto", cfg, 64, torch.float32, "cpu", tmp_path / "p.json", fake_timer(bf16_rate))
+    assert p.autocast == expected and p.warning is None
+    assert p.ratio == pytest.approx(bf16_rate / 100e9)
+    explicit = precision.choose_autocast("bf16", cfg, 64, torch.float32, "cpu", tmp_path / "p.json", fake_timer(1.0))
+    assert explicit.autocast == "bf16"  # from the cache: the timer above would say 1e-11x
+    assert (explicit.warning is not None) == (bf16_rate < 100e9)
+    if explicit.warning:
+        assert f"{bf16_rate / 100e9:.2f}x" in explicit.warning
+    assert precision.choose_autocast("auto", cfg, 64, torch.float64, "cpu", tmp_path / "p.json", fake_timer(400e9)).autocast == "none"
+
+
+def test_precision_cache_is_reused_and_keyed_by_shapes(tmp_path):
+    cache, calls = tmp_path / "p.json", []
+    cfg = tiny_config("gpt2")
+    a = precision.measure(precision.model_shapes(cfg, 32), ("float32", "bfloat16"), "cpu", cache, fake_timer(200e9, calls))
+    n = len(calls)
+    assert n > 0 and cache.exists()
+    b = precision.measure(precision.model_shapes(cfg, 32), ("float32", "bfloat16"), "cpu", cache, fake_timer(1.0, calls))
+    assert b == a and len(calls) == n  # nothing measured again
+    precision.measure(precision.model_shapes(cfg, 48), ("float32",), "cpu", cache, fake_timer(200e9, calls))
+    assert len(calls) > n  # other shapes: measured
+    key = next(iter(json.loads(cache.read_text())))
+    assert f"{torch.get_num_threads()}threads" in key and torch.__version__ in key
+
+
+def test_slow_bf16_is_probed_small_and_not_measured_in_full(tmp_path):
+    """An AVX2-only machine (bf16 ~0.02x): only the cut-down probe runs in bf16, the full shapes never do."""
+    calls = []
+    cfg = tiny_config("llama", vocab_size=50_000)
+    shapes = precision.model_shapes(cfg, 1024)
+    r = precision.measure(shapes, ("float32", "bfloat16"), "cpu", tmp_path / "p.json", fake_timer(2e9, calls))
+    bf16 = [c for c in calls if c[3] == torch.bfloat16]
+    assert bf16 and all(m <= precision.PROBE_ROWS and n <= precision.PROBE_COLS for m, k, n, _ in bf16)
+    assert r["bfloat16"]["estimated"] and r["bfloat16"]["flops"] == pytest.approx(2e9)
+    assert any(m == 1024 for m, k, n, dt in calls if dt == torch.float32)
+
+
+def test_trainer_resolves_autocast_warns_once_and_logs_the_peak_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("GROWLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("GROWLM_MATMUL_PEAK", raising=False)
+    monkeypatch.setattr(precision, "time_matmul", fake_timer(30e9))
+    model = GPT(tiny_config("llama"))
+    infos = []
+    for setting in ("auto", "bf16"):
+        cfg = config(tmp_path, setting, run=dict(max_steps=1, autocast=setting, peak_flops=None))
+        t = trainer(cfg, model, callback=lambda kind, rec: infos.append((setting, rec)) if kind == "info" else None)
+        t.fit()
+        start = json.loads((tmp_path / setting / "metrics.jsonl").read_text().splitlines()[0])
+        assert start["autocast"] == setting and start["autocast_used"] == t.autocast
+        assert "model's shapes" in start["peak_source"]
+        assert start["peak_flops"] == pytest.approx(100e9 if setting == "auto" else 30e9)
+    assert [s for s, _ in infos] == ["bf16"] and "0.30x" in infos[0][1]["message"]

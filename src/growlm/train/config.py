@@ -171,8 +171,10 @@ class RunConfig:
     """Micro-batches accumulated per optimizer step (per process)."""
     dtype: Literal["float32", "float64"] = "float32"
     """Dtype of the weights and optimizer state."""
-    autocast: Literal["none", "bf16"] = "none"
-    """Mixed precision: bf16 autocast for matmuls, float32 weights and loss."""
+    autocast: Literal["auto", "none", "bf16"] = "auto"
+    """Mixed precision: 'bf16' = bf16 autocast for matmuls, float32 weights and loss; 'none' = the weights' dtype;
+    'auto' = bf16 only where its matmuls on this model's shapes are measured faster than float32 (once per
+    machine and thread count, cached; growlm.train.precision)."""
     device: str = "auto"
     """'auto' (cuda when available), 'cpu' or 'cuda'."""
     eval_every: int = 50

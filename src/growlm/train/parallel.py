@@ -12,9 +12,10 @@ import resource
 
 import torch
 
+from growlm.models.config import ModelConfig
 from growlm.models.model import GPT
 from growlm.train.config import RunConfig
-from growlm.train.flops import matmul_peak
+from growlm.train.precision import model_peak
 
 
 def resolve_device(device: str) -> str:
@@ -68,11 +69,16 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def peak_flops(run: RunConfig, dtype: torch.dtype, device: str) -> float:
-    """The matmul peak MFU is measured against: run.peak_flops, else measured once per machine and cached."""
+def peak_flops(run: RunConfig, dtype: torch.dtype, device: str, cfg: ModelConfig, tokens: int) -> tuple[float, str]:
+    """(The matmul peak MFU is measured against, where it comes from): run.peak_flops, else $GROWLM_MATMUL_PEAK,
+    else the rate of the model's own matmul shapes (`tokens` rows) in `dtype` (the compute dtype: bfloat16
+    under autocast) at the current thread count, measured once and cached (growlm.train.precision)."""
     if run.peak_flops is not None:
-        return float(run.peak_flops)
-    return matmul_peak(torch.bfloat16 if run.autocast == "bf16" else dtype, device)
+        return float(run.peak_flops), "run.peak_flops"
+    env = os.environ.get("GROWLM_MATMUL_PEAK")
+    if env:
+        return float(env), "$GROWLM_MATMUL_PEAK"
+    return model_peak(cfg, tokens, dtype, device)
 
 
 def machine_info(device: str, world: int) -> dict[str, object]:

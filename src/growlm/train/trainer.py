@@ -58,6 +58,7 @@ from growlm.train.data import BlockSampler, PackedData, prepare_data, retention_
 from growlm.train.flops import executed_flops_per_token
 from growlm.train.optim import (build_optimizer, freeze_zero_update, lr_at, multiplied_step, transfer_adamw_state,
                                 update_multipliers)
+from growlm.train.precision import choose_autocast
 from growlm.train.regularize import EWC, build_ewc, kd_loss
 from growlm.train.state import PlateauTrigger, TrainState
 
@@ -141,7 +142,13 @@ class Trainer:
         self.state = self._fresh_state()
         self.teacher: GPT | None = None
         self.ewc: EWC | None = None
-        self.peak = parallel.peak_flops(r, self.dtype, self.device)
+        tokens = r.micro_batch * cfg.data.seq_len
+        prec = choose_autocast(r.autocast, model.config, tokens, self.dtype, self.device)
+        self.autocast = prec.autocast  # what run.autocast resolves to here
+        if prec.warning:
+            self.callback("info", {"message": prec.warning})
+        compute = torch.bfloat16 if self.autocast == "bf16" else self.dtype
+        self.peak, self.peak_source = parallel.peak_flops(r, compute, self.device, model.config, tokens)
         self._t_last, self._tokens_last = time.perf_counter(), 0
         self._rebuild_optimizer()
         if resume_from is not None:
@@ -175,7 +182,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.cfg.optim)
 
     def _autocast(self):
-        if self.cfg.run.autocast == "bf16":
+        if self.autocast == "bf16":
             return torch.autocast(device_type="cuda" if self.device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -308,6 +315,9 @@ class Trainer:
         transfer_adamw_state(old_model, old_opt, res, self.optimizer)
         del old_opt
         self.ddp = parallel.wrap(self.model, self.world, self.device)
+        compute = torch.bfloat16 if self.autocast == "bf16" else self.dtype  # the grown shapes' own peak
+        self.peak, self.peak_source = parallel.peak_flops(self.cfg.run, compute, self.device, self.model.config,
+                                                          self.cfg.run.micro_batch * self.cfg.data.seq_len)
         if reg.ewc_lambda > 0:
             self.ewc = self._build_ewc()
         after = self.evaluate()
@@ -370,7 +380,8 @@ class Trainer:
             self.metrics_path.unlink()  # a fresh run (checked in __init__: no checkpoints here)
         self._write_metrics({"kind": "run", "event": "start", "step": self.state.step,
                              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "growlm_version": _version(),
-                             "dtype": r.dtype, "autocast": r.autocast, "peak_flops": self.peak,
+                             "dtype": r.dtype, "autocast": r.autocast, "autocast_used": self.autocast,
+                             "peak_flops": self.peak, "peak_source": self.peak_source,
                              **parallel.machine_info(self.device, self.world), "config": _jsonable(self.cfg.to_dict())})
         if self.state.step == 0:
             self.state.base_val = self.evaluate()

@@ -196,3 +196,83 @@ def test_trainer_resolves_autocast_warns_once_and_logs_the_peak_source(tmp_path,
         assert "model's shapes" in start["peak_source"]
         assert start["peak_flops"] == pytest.approx(100e9 if setting == "auto" else 30e9)
     assert [s for s, _ in infos] == ["bf16"] and "0.30x" in infos[0][1]["message"]
+
+
+# -- torch.compile in the loop, activation checkpointing -------------------------------------------------
+GROW_AT_2 = dict(trigger="steps", steps=[2], operators=[{"operator": "width", "ffn_size": 160}])
+
+
+def _losses(path) -> list[tuple]:
+    return [(r.get("loss"), r.get("val_loss")) for r in metrics(path)]
+
+
+def _assert_same_losses(a: list[tuple], b: list[tuple], tol: float) -> None:
+    assert len(a) == len(b) >= 4
+    for x, y in zip(a, b):
+        for u, v in zip(x, y):
+            assert (u is None) == (v is None) and (u is None or abs(u - v) <= tol), (x, y)
+
+
+def test_compiled_training_equals_eager_across_a_growth_event(tmp_path):
+    """run.compile=true: same losses to 1e-5 as eager over 4 steps with a width growth at step 2 (which
+    recompiles: other shapes); the compile time is logged as compile_s, twice."""
+    model = GPT(tiny_config("llama"))
+    for name, comp in (("eager", False), ("compiled", True)):
+        cfg = config(tmp_path, name, run=dict(max_steps=4, compile=comp, autocast="none"), growth=GROW_AT_2)
+        trainer(cfg, model).fit()
+    _assert_same_losses(_losses(tmp_path / "eager" / "metrics.jsonl"), _losses(tmp_path / "compiled" / "metrics.jsonl"), 1e-5)
+    recs = [json.loads(ln) for ln in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "compile_s" in r] == [1, 3] and all(r["compile_s"] > 0 for r in recs if "compile_s" in r)
+    assert not any("compile_s" in json.loads(ln) for ln in (tmp_path / "eager" / "metrics.jsonl").read_text().splitlines())
+
+
+def test_a_failed_compile_falls_back_to_eager_with_one_warning(tmp_path, monkeypatch):
+    def broken_compile(module, **kw):
+        def fail(*a, **k):
+            raise RuntimeError("inductor: no C++ compiler found\nmore lines")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = GPT(tiny_config("gpt2"))
+    infos = []
+    cfg = config(tmp_path, "broken", run=dict(max_steps=4, compile=True), growth=GROW_AT_2)
+    trainer(cfg, model, callback=lambda kind, rec: infos.append(rec["message"]) if kind == "info" else None).fit()
+    trainer(config(tmp_path, "eager", run=dict(max_steps=4, compile=False), growth=GROW_AT_2), model).fit()
+    assert len(infos) == 1 and "torch.compile failed (RuntimeError: inductor: no C++ compiler found)" in infos[0]
+    _assert_same_losses(_losses(tmp_path / "broken" / "metrics.jsonl"), _losses(tmp_path / "eager" / "metrics.jsonl"), 0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(family):
+    model = GPT(tiny_config(family)).double()
+    x = torch.randint(0, 96, (2, 12))
+    y = torch.randint(0, 96, (2, 12))
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = ckpt
+        loss = model(x, targets=y, loss_chunk=8)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    _close(grads[1][0], grads[0][0], 1e-12, "loss")
+    for n, g in grads[0][1].items():
+        _close(grads[1][1][n], g, 1e-12, n)
+
+
+def test_activation_checkpointing_saves_memory_in_the_graph():
+    """What checkpointing is for: fewer tensors kept for the backward (counted through saved-tensor hooks)."""
+    model = GPT(tiny_config("llama", n_layer=4))
+    x = torch.randint(0, 96, (2, 16))
+    saved = {}
+    for ckpt in (False, True):
+        model.activation_checkpointing = ckpt
+        n = [0]
+
+        def pack(t):
+            n[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x, targets=x).backward()
+        saved[ckpt] = n[0]
+    assert saved[True] < 0.7 * saved[False], saved

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from growlm.models.config import ModelConfig
 from growlm.models.head import chunked_cross_entropy
@@ -183,6 +184,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.activation_checkpointing = False  # recompute each block in the backward (training only)
         self.reset_parameters()
 
     @classmethod
@@ -283,8 +285,12 @@ class GPT(nn.Module):
             rope = (cos, sin) if pos.dim() == 1 else (cos[:, None], sin[:, None])  # broadcast over heads
         if states is not None:
             states.append(x)
+        ckpt = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, mask, causal, cache, i)
+            if ckpt:  # keep the block's input only; its activations are recomputed in the backward
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, causal, cache, i, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, causal, cache, i)
             if states is not None:
                 states.append(x)
         return self.norm_f(x)

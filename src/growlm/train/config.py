@@ -200,6 +200,12 @@ class RunConfig:
     loss_chunk: int = 1024
     """Tokens per chunk of the output head + cross-entropy: the (tokens, vocab) logits and their gradient are
     never built for more than this many tokens at once (0 = all at once). Same loss and gradients."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile the model and loss inside the loop (recompiled after each growth event; the compile time is
+    logged as compile_s and left out of tok_s; eager with one warning where compiling fails). auto = on CUDA only:
+    on CPU a cold compile costs minutes, more than a short run gains (bench/README.md)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward instead of keeping them (less memory, ~1/3 more compute)."""
     peak_flops: float | None = None
     """Matmul peak for MFU in FLOP/s; None = measure once and cache, 0 = no MFU."""
     overwrite: bool = False
@@ -212,6 +218,8 @@ class RunConfig:
             raise GrowlmError("run: save_every, max_nan_skips, retention_blocks and loss_chunk must be >= 0")
         if self.peak_flops is not None and not (self.peak_flops >= 0 and math.isfinite(self.peak_flops)):
             raise GrowlmError(f"run.peak_flops must be >= 0, got {self.peak_flops}")
+        if self.compile not in (True, False, "auto"):
+            raise GrowlmError(f"run.compile must be true, false or auto, got {self.compile!r}")
         if self.resume and self.overwrite:
             raise GrowlmError("run.resume and run.overwrite exclude each other: continue the run or replace it")
 
@@ -253,7 +261,7 @@ class TrainConfig:
 # Fields that may differ when resuming without a word (they do not change the computation).
 RESUME_MAY_DIFFER = {("run", "resume"), ("run", "peak_flops"), ("run", "export_hf"), ("run", "overwrite"),
                      ("run", "keep_last"), ("data", "cache_dir"), ("run", "device"),
-                     ("run", "loss_chunk")}
+                     ("run", "loss_chunk"), ("run", "compile"), ("run", "activation_checkpointing")}
 # Fields that may change on resume, each reported in one line: the run's location (folders move), the learning
 # rate and schedule length (the way out of a diverged run), and the eval / save / log cadence.
 RESUME_MAY_CHANGE = {("run", "out_dir"), ("optim", "lr"), ("optim", "min_lr"), ("run", "max_steps"),

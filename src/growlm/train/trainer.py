@@ -153,7 +153,32 @@ class Trainer:
         self._rebuild_optimizer()
         if resume_from is not None:
             self._load(resume_from)
+        self._compile = r.compile is True or (r.compile == "auto" and self.device.startswith("cuda"))
+        self._compile_s = 0.0  # compile time not yet logged
+        self._wrap()
+
+    def _wrap(self) -> None:
+        """The module the loop calls: DDP around the model (world > 1), compiled where run.compile says so
+        (again after each growth event: a grown model has other shapes)."""
+        self.model.activation_checkpointing = self.cfg.run.activation_checkpointing
         self.ddp = parallel.wrap(self.model, self.world, self.device)
+        self.step_model, self._compile_pending = self.ddp, False
+        if self._compile:
+            torch._dynamo.reset()  # drop the graphs of the model before growth
+            self.step_model, self._compile_pending = torch.compile(self.ddp), True
+
+    def _forward(self, *args: Any, **kw: Any) -> torch.Tensor:
+        """step_model(*args, **kw); on the first call after compiling, a failed compile falls back to eager."""
+        if not self._compile_pending:
+            return self.step_model(*args, **kw)
+        self._compile_pending = False
+        try:
+            return self.step_model(*args, **kw)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: train on, eagerly
+            msg = (str(e).strip().splitlines() or [""])[0][:200]
+            self.callback("info", {"message": f"torch.compile failed ({type(e).__name__}: {msg}); training in eager mode"})
+            self._compile, self.step_model = False, self.ddp
+            return self.ddp(*args, **kw)
 
     def _clean_run_folder(self, fresh: bool) -> None:
         """Remove what interrupted writes left (`.step_*.tmp*`, `.hf.tmp*`, ...); on an overwrite, the old run."""
@@ -194,7 +219,7 @@ class Trainer:
             if kd:  # the KD term needs the student's logits
                 logits = self.ddp(x)
             else:  # the loss inside forward (DDP sees the head), run.loss_chunk tokens of logits at a time
-                ce = self.ddp(x, targets=y, loss_chunk=self.cfg.run.loss_chunk)
+                ce = self._forward(x, targets=y, loss_chunk=self.cfg.run.loss_chunk)
         if kd:
             ce = F.cross_entropy(logits.to(_loss_dtype(logits)).reshape(-1, logits.shape[-1]), y.reshape(-1))
         loss, parts = ce, {"ce": ce.detach()}
@@ -211,7 +236,16 @@ class Trainer:
         return loss, parts
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step over micro_batch * grad_accum * world sequences."""
+        """One optimizer step over micro_batch * grad_accum * world sequences. The first step after a compile
+        reports its wall time as compile_s (compiling the forward and backward dominates it)."""
+        if not self._compile_pending:
+            return self._train_step()
+        t = time.perf_counter()
+        rec = self._train_step()
+        rec["compile_s"] = time.perf_counter() - t
+        return rec
+
+    def _train_step(self) -> dict[str, Any]:
         r, seq, st = self.cfg.run, self.cfg.data.seq_len, self.state
         lr = lr_at(st.step, self.cfg.optim, r.max_steps)
         for group in self.optimizer.param_groups:
@@ -314,7 +348,7 @@ class Trainer:
         self._rebuild_optimizer()
         transfer_adamw_state(old_model, old_opt, res, self.optimizer)
         del old_opt
-        self.ddp = parallel.wrap(self.model, self.world, self.device)
+        self._wrap()
         compute = torch.bfloat16 if self.autocast == "bf16" else self.dtype  # the grown shapes' own peak
         self.peak, self.peak_source = parallel.peak_flops(self.cfg.run, compute, self.device, self.model.config,
                                                           self.cfg.run.micro_batch * self.cfg.data.seq_len)
@@ -369,6 +403,8 @@ class Trainer:
         for k in ("kd", "ewc", "grad_norm", "skipped"):
             if k in step_rec:
                 rec[k] = step_rec[k]
+        if self._compile_s:
+            rec["compile_s"], self._compile_s = self._compile_s, 0.0
         return rec
 
     # -- the loop -------------------------------------------------------------------------------------
@@ -399,8 +435,13 @@ class Trainer:
                 self.grow_now(self.state.base_val)
         self._t_last, self._tokens_last = time.perf_counter(), self.state.tokens
         while self.state.step < r.max_steps:
+            tokens_before = self.state.tokens
             step_rec = self.train_step()
             self.state.step += 1
+            if "compile_s" in step_rec:  # neither the compile's time nor its step's tokens count in tok_s
+                self._compile_s += step_rec["compile_s"]
+                self._t_last += step_rec["compile_s"]
+                self._tokens_last += self.state.tokens - tokens_before
             val = None
             if self.state.step % r.eval_every == 0 or self.state.step == r.max_steps:
                 val = self.evaluate()

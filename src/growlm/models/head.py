@@ -6,9 +6,9 @@ SmolLM2's 49,152-token head on 8 x 128 tokens). `chunked_cross_entropy` never ho
 of rows. Per chunk of n rows:
 
     z = h_c W^T                        (n, V)
-    lse = logsumexp(z)                 l_i = lse_i - z_{i, y_i}      (0 where y_i = ignore_index)
-    G = (softmax(z) - onehot(y)) * s   the gradient dl/dz, s = 1/N_valid (mean) or 1 (sum)
-    dh_c = G W                         dW += G^T h_c
+    log p = log_softmax(z)             l_i = -log p_{i, y_i}           (0 where y_i = ignore_index)
+    G = softmax(z) - onehot(y)         dl_i/dz_i, formed in place from log p
+    dh_c = diag(s) G W                 dW += G^T diag(s) h_c           s = 1/N_valid (mean), 1 (sum), 0 if ignored
 
 The gradients are formed in the forward, while z is at hand, and scaled by the incoming gradient in the
 backward: recomputing z in the backward would cost one more N x V x C matmul, a third of the head's
@@ -50,27 +50,31 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     return _ChunkedCrossEntropy.apply(h, weight, t, int(chunk_size), ignore_index, reduction, cdt, grad)
 
 
-def _grad_logits(z: torch.Tensor, lse: torch.Tensor, t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(softmax(z) - onehot(t)) * scale[:, None], in place on z; rows with scale 0 (ignored) come out 0."""
-    z.sub_(lse[:, None]).exp_()
-    z[torch.arange(z.shape[0], device=z.device), t] -= 1
-    return z.mul_(scale[:, None])
+def _grad_logits(logp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """softmax(z) - onehot(t) from log-probabilities, in place: one pass over (n, V)."""
+    g = logp.exp_()
+    g[torch.arange(g.shape[0], device=g.device), t] -= 1
+    return g
 
 
-def _accumulate(g: torch.Tensor, h_c: torch.Tensor, w: torch.Tensor, grad_h: torch.Tensor | None,
+def _accumulate(g: torch.Tensor, h_c: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, grad_h: torch.Tensor | None,
                 grad_w: torch.Tensor | None, s: int, e: int) -> None:
-    """grad_h[s:e] = g W and grad_w += g^T h_c, written in place when the dtypes allow (no (V, C) temporary
-    per chunk: with small chunks that copy costs more than the matmul)."""
+    """grad_h[s:e] = diag(scale) G W and grad_w += G^T diag(scale) h_c. The per-row scale (1/N_valid, 0 on ignored
+    rows, or the incoming gradient) multiplies the (n, C) operands, not the (n, V) G. Written in place where the
+    dtypes allow: no (V, C) temporary per chunk."""
+    sc = scale[:, None]
     if grad_h is not None:
         if grad_h.dtype == g.dtype:
             torch.mm(g, w, out=grad_h[s:e])
+            grad_h[s:e] *= sc.to(grad_h.dtype)
         else:
-            grad_h[s:e] = g @ w
+            grad_h[s:e] = (g @ w).to(grad_h.dtype) * sc.to(grad_h.dtype)
     if grad_w is not None:
+        hs = h_c * sc.to(h_c.dtype)
         if grad_w.dtype == g.dtype:
-            grad_w.addmm_(g.t(), h_c)
+            grad_w.addmm_(g.t(), hs)
         else:
-            grad_w += (g.t() @ h_c).to(grad_w.dtype)
+            grad_w += (g.t() @ hs).to(grad_w.dtype)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -96,12 +100,15 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             for s in range(0, N, chunk):
                 e = min(s + chunk, N)
                 z = F.linear(h[s:e], w).to(ldt)  # (n, V)
-                lse = torch.logsumexp(z, dim=-1)
-                lses[s:e] = lse
-                losses[s:e] = (lse - z.gather(1, tgt[s:e, None]).squeeze(1)) * valid[s:e]
+                logp = torch.log_softmax(z, dim=-1)
+                t_c = tgt[s:e, None]
+                lp = logp.gather(1, t_c).squeeze(1)
+                lses[s:e] = z.gather(1, t_c).squeeze(1) - lp  # log-sum-exp, for the backward of 'none'
+                del z
+                losses[s:e] = -lp * valid[s:e]
                 if eager:
-                    g = _grad_logits(z, lse, tgt[s:e], scale[s:e]).to(h.dtype)
-                    _accumulate(g, h[s:e], w, grad_h, grad_w, s, e)
+                    g = _grad_logits(logp, tgt[s:e]).to(h.dtype)
+                    _accumulate(g, h[s:e], w, scale[s:e], grad_h, grad_w, s, e)
         if eager:
             ctx.save_for_backward(grad_h, grad_w)
         elif need_h or need_w:  # reduction="none": recompute in the backward
@@ -130,7 +137,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             gw = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, lses.dtype), device=w.device) if need_w else None
             for s in range(0, h.shape[0], ctx.chunk):
                 e = min(s + ctx.chunk, h.shape[0])
-                z = F.linear(h[s:e], w).to(lses.dtype)
-                g = _grad_logits(z, lses[s:e], tgt[s:e], scale[s:e]).to(h.dtype)
-                _accumulate(g, h[s:e], w, gh, gw, s, e)
+                logp = F.linear(h[s:e], w).to(lses.dtype).sub_(lses[s:e, None])
+                g = _grad_logits(logp, tgt[s:e]).to(h.dtype)
+                _accumulate(g, h[s:e], w, scale[s:e], gh, gw, s, e)
         return gh, None if gw is None else gw.to(weight.dtype), None, None, None, None, None, None

@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         times: dict[str, list[float]] = {n: [] for n in names}
         losses: dict[str, list[float]] = {n: [] for n in names}
         compile_s: dict[str, float] = {}
+        last: dict[str, float] = {}
         for r in range(args.warmup + args.steps):
             for n in names[r % len(names):] + names[: r % len(names)]:
                 t = trainers[n]
@@ -105,10 +106,11 @@ def main(argv: list[str] | None = None) -> int:
                 losses[n].append(rec["loss"])
                 if "compile_s" in rec:
                     compile_s[n] = rec["compile_s"]
+                last[n] = dt
                 if r >= args.warmup:
                     times[n].append(dt)
-            print(f"round {r + 1}: " + ", ".join(f"{n} {times[n][-1] if times[n] and r >= args.warmup else dt:.2f} s"
-                                                 for n in names), file=sys.stderr, flush=True)
+            print(f"round {r + 1}{' (warm-up)' if r < args.warmup else ''}: "
+                  + ", ".join(f"{n} {last[n]:.2f} s" for n in names), file=sys.stderr, flush=True)
         tokens = cfgs["before"].run.micro_batch * cfgs["before"].data.seq_len
     rows = {}
     for n in names:

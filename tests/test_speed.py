@@ -276,3 +276,11 @@ def test_activation_checkpointing_saves_memory_in_the_graph():
             model(x, targets=x).backward()
         saved[ckpt] = n[0]
     assert saved[True] < 0.7 * saved[False], saved
+
+
+def test_trainer_with_activation_checkpointing_trains_the_same(tmp_path):
+    model = GPT(tiny_config("gpt2"))
+    for name, on in (("off", False), ("on", True)):
+        res = trainer(config(tmp_path, name, run=dict(max_steps=3, dtype="float64", activation_checkpointing=on)), model).fit()
+        assert res.model.activation_checkpointing is on  # the switch reached the model (the saving: test above)
+    _assert_same_losses(_losses(tmp_path / "off" / "metrics.jsonl"), _losses(tmp_path / "on" / "metrics.jsonl"), 1e-10)

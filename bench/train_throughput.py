@@ -10,10 +10,14 @@ Method (a shared 2-core CPU where timings drift by +-15% or more):
 - one spawned worker process per side for the whole run; for each (config, dtype) the sides are built and
   warmed up one at a time, then the parent asks them for one timed step each, round after round, rotating
   who goes first (A B C, B C A, ...), so that load from other users hits all sides alike;
-- speed-up = the median over rounds of the per-round ratio t_transformers / t_side;
+- speed-up = the median over rounds of the per-round ratio t_transformers / t_side, with a 95% bootstrap
+  interval over the paired rounds;
 - tokens/s = batch * seq_len / median step time; MFU = FLOPs/token (growlm.train.flops: 6 N_matmul + 12 L T d_attn,
-  Kaplan et al. 2020, PaLM appendix B) * tokens/s / the matmul peak of the same dtype (n=2048 matmuls, best
-  of 5, growlm.train.flops.measure_matmul_peak, measured at the start and at the end of the run, the higher kept);
+  Kaplan et al. 2020, PaLM appendix B) * tokens/s / the matmul rate on the config's own shapes in the same dtype
+  (growlm.train.precision, measured at the start and at the end of the run, the higher kept); a dtype more than
+  3x slower than float32 there is skipped with a note (bf16 is probed on small shapes first, so an AVX2-only
+  CPU does not spend minutes on it);
+- growlm's sides use growlm's default loss path (the chunked head + cross-entropy, --loss-chunk);
 - peak memory = the worker's VmHWM (Linux peak resident set) during the timed steps minus its VmRSS at the
   start of the case (after gc + malloc_trim): weights + gradients + AdamW state + activations + allocator
   slack. VmHWM is reset (/proc/self/clear_refs) at the start of the case and after warm-up, so compilation
@@ -24,7 +28,7 @@ Method (a shared 2-core CPU where timings drift by +-15% or more):
 Run: python bench/train_throughput.py              (all configs: 4 min measured with --threads 1 on a quiet
                                                    machine, 6-10 min when it is busy or inductor's cache is cold)
      python bench/train_throughput.py --threads 1  (on a machine shared with other jobs, see bench/README.md)
-     python bench/train_throughput.py --quick      (smoke run, under a minute)
+     python bench/train_throughput.py --quick      (smoke run, ~25 s)
 """
 
 from __future__ import annotations

@@ -76,6 +76,17 @@ CASES = [
     ("grow-format", {}, ["grow", "--model", "@good", "--depth", "1", "--format", "onnx", "--out", "o"], "format must be"),
     ("grow-noise", {}, ["grow", "--model", "@good", "--factor", "2", "--noise", "-1", "--out", "o"], "noise must be"),
     ("grow-missing-model", {}, ["grow", "--model", "nope", "--depth", "1", "--out", "o"], "no such file"),
+    # -- prune: every target is checked against the teacher before any calibration or writing
+    ("prune-missing-layer", {}, ["prune", "--model", "@good", "--layers", "0,5", "--out", "o"], "do not exist"),
+    ("prune-larger-target", {}, ["prune", "--model", "@good", "--ffn-size", "128", "--out", "o"], "larger than the teacher"),
+    ("prune-more-layers", {}, ["prune", "--model", "@good", "--n-layer", "3", "--out", "o"], "larger than the teacher"),
+    ("prune-not-gqa", {}, ["prune", "--model", "@good", "--n-head", "3", "--out", "o"], "GQA-consistent"),
+    ("prune-group-gains-heads", {}, ["prune", "--model", "@good", "--n-head", "4", "--n-kv-head", "1", "--out", "o"], "cannot gain heads"),
+    ("prune-out-exists", {"target/model.safetensors": b"old model"}, ["prune", "--model", "@good", "--layers", "0", "--out", "target"], "--overwrite"),
+    ("prune-nothing", {}, ["prune", "--model", "@good", "--out", "o"], "nothing to prune"),
+    ("prune-depth-by", {}, ["prune", "--model", "@good", "--n-layer", "1", "--depth-by", "random", "--out", "o"], "depth_by must be"),
+    ("prune-missing-calibration", {}, ["prune", "--model", "@good", "--layers", "0", "--calibration", "nope.txt", "--seq-len", "16", "--out", "o"], "does not exist"),
+    ("prune-seq-len", {}, ["prune", "--model", "@good", "--layers", "0", "--seq-len", "128", "--out", "o"], "context length 64"),
     # -- tokenizer
     ("tokenizer-out-exists", {"tok/tokenizer.json": b"{}", "a.txt": WORDS.encode()},
      ["tokenizer", "--out", "tok", "--vocab_size", "300", "--files", "[a.txt]"], "--overwrite"),
@@ -157,6 +168,23 @@ CASES = [
      ["train", "--config", "c.yaml"], "already holds checkpoints"),
     ("train-resume-nothing", {"c.yaml": _yaml(run={"resume": True})}, ["train", "--config", "c.yaml"], "no usable checkpoint"),
     ("train-out-under-file", {"c.yaml": _yaml(run={"out_dir": "f/run"}), "f": b"x"}, ["train", "--config", "c.yaml"], "is a file"),
+    # -- distill: teacher and student must fit each other before anything is trained or written
+    ("distill-no-teacher", {"c.yaml": _yaml()}, ["distill", "--config", "c.yaml"], "needs a teacher"),
+    ("distill-other-tokenizer", {"c.yaml": _yaml(distill={"student": {"layers": [0]}})},
+     ["distill", "--config", "c.yaml", "--distill.teacher", "@good"], "differs from the teacher's"),
+    ("distill-missing-layer", {"c.yaml": _yaml(model={"tokenizer": None}, distill={"student": {"layers": [0, 5]}})},
+     ["distill", "--config", "c.yaml", "--distill.teacher", "@good"], "do not exist"),
+    ("distill-larger-target", {"c.yaml": _yaml(model={"tokenizer": None}, distill={"student": {"ffn_size": 128}})},
+     ["distill", "--config", "c.yaml", "--distill.teacher", "@good"], "larger than the teacher"),
+    ("distill-not-gqa", {"c.yaml": _yaml(model={"tokenizer": None}, distill={"student": {"n_head": 3}})},
+     ["distill", "--config", "c.yaml", "--distill.teacher", "@good"], "GQA-consistent"),
+    ("distill-layer-map", {"c.yaml": _yaml(model={"tokenizer": None}, distill={
+        "student": {"layers": [0]}, "objective": {"hidden_weight": 1.0, "hidden_layers": [[0, 7]]}})},
+     ["distill", "--config", "c.yaml", "--distill.teacher", "@good"], "layer 7"),
+    ("distill-cached-hidden", {"c.yaml": _yaml(distill={"targets": "cached", "objective": {"hidden_weight": 1.0}})},
+     ["distill", "--config", "c.yaml", "--distill.teacher", "@good"], "activations"),
+    ("distill-out-exists", {"c.yaml": _yaml(model={"tokenizer": None}, distill={"student": {"layers": [0]}}), **FINISHED_RUN},
+     ["distill", "--config", "c.yaml", "--distill.teacher", "@good"], "run.overwrite"),
 ]
 
 
@@ -228,10 +256,11 @@ def _read_only_dir() -> Path | None:
 @pytest.mark.parametrize("argv", [
     ["convert", "--model", "@good", "--out", "@ro/growlm-out"],
     ["grow", "--model", "@good", "--depth", "1", "--out", "@ro/growlm-out"],
+    ["prune", "--model", "@good", "--layers", "0", "--out", "@ro/growlm-out"],
     ["eval", "--model", "@good", "--tasks", "piqa", "--data_dir", ".", "--out", "@ro/res.json"],
     ["tokenizer", "--out", "@ro/tok", "--vocab_size", "300"],
     ["train", "--model.name", "tiny-llama", "--model.init", "scratch", "--model.tokenizer", "bytes", "--run.out_dir", "@ro/run"],
-], ids=["convert", "grow", "eval", "tokenizer", "train"])
+], ids=["convert", "grow", "prune", "eval", "tokenizer", "train"])
 def test_an_unwritable_output_is_refused_before_any_work(argv, good_model, tmp_path, capsys, monkeypatch):
     ro = _read_only_dir()
     if ro is None:

@@ -18,7 +18,7 @@ from huggingface_hub import ModelCard
 
 from growlm.cli import main
 from growlm.models.tokenizer import train_bpe
-from growlm.report import load_run
+from growlm.report import load_run, write_card
 from growlm.report.card import fmt_int, fmt_loss, fmt_ppl, fmt_sci
 from growlm.report.compare import compare_rows
 from growlm.report.plots import compare_figure, growth_marks, loss_figure, lr_figure, params_figure, series
@@ -225,3 +225,16 @@ def test_a_killed_and_resumed_run_reports_both_segments(tmp_path):
     assert [s["step"] for s in run.starts] == [0, 2] and [e["step"] for e in run.ends] == [4]
     assert [r["step"] for r in run.train] == [0, 1, 2, 3, 4] and not any("did not finish" in m for m in run.missing)
     assert run.config["run"]["max_steps"] == 4 and run.machine["cpu_count"] >= 1
+
+    # the wall time counts both processes: the killed one to its last kept line's elapsed_s, the resumed one to its end
+    recs = _metrics(tmp_path / "r")
+    second = next(i for i, r in enumerate(recs) if r["kind"] == "run" and r["event"] == "start" and r["step"] == 2)
+    killed_s = [r["elapsed_s"] for r in recs[:second] if r["kind"] == "train" and "elapsed_s" in r][-1]
+    resumed_s = next(r["wall_s"] for r in recs if r["kind"] == "run" and r["event"] == "end")
+    assert killed_s > 0 and [(g.start_step, g.last_step, g.finished) for g in run.segments] == [(0, 2, False), (2, 4, True)]
+    assert run.wall_s == pytest.approx(killed_s + resumed_s) and run.wall_s > resumed_s
+    write_card(run)
+    row = _rows((tmp_path / "r" / "README.md").read_text(), "resource")[0]
+    assert row[0] == "wall time (training, 2 segments)"
+    assert row[1] == f"{killed_s + resumed_s:.1f} s (segment 1 (steps 0-2) was interrupted; counted to its last logged step)"
+    assert compare_rows([run, run])[0][-1] == f"{killed_s + resumed_s:.1f}"

@@ -66,7 +66,7 @@ def params(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def metrics(path) -> list[dict]:
-    drop = {"tok_s", "mfu", "peak_mem_mb"}  # wall-clock and memory: not part of the computation
+    drop = {"tok_s", "mfu", "peak_mem_mb", "elapsed_s"}  # wall-clock and memory: not part of the computation
     recs = [json.loads(ln) for ln in path.read_text().splitlines()]
     # kind=run lines (machine, versions, wall time; one start line per segment) describe the run, not its numbers
     return [{k: v for k, v in r.items() if k not in drop} for r in recs if r.get("kind") != "run"]
@@ -492,7 +492,8 @@ def test_train_exports_a_hugging_face_directory(tmp_path):
     assert hf.config.num_hidden_layers == 3
 
 
-@pytest.mark.parametrize("name", ["grow-smollm2-shakespeare", "grow-tiny-scratch", "continue-pretrain"])
+@pytest.mark.parametrize("name", ["grow-smollm2-shakespeare", "grow-tiny-scratch", "continue-pretrain", "distill-smollm2",
+                                  "distill-smollm2-width"])
 def test_recipes_parse(name):
     import yaml
 
@@ -504,6 +505,8 @@ def test_recipes_parse(name):
     if cfg.growth.trigger != "none":
         assert cfg.growth.operators and all(isinstance(op, GrowthSpec) for op in cfg.growth.operators)
         assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # train_config.json round-trips
+    if cfg.distill.teacher:
+        assert cfg.distill.student is not None and TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(GrowlmError, match="run.bogus"):
         TrainConfig.from_dict({**d, "run": {**d["run"], "bogus": 1}})
 

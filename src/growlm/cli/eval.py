@@ -1,4 +1,5 @@
-"""`growlm eval`: lm-evaluation-harness-compatible benchmark scores from local task files."""
+"""`growlm eval`: lm-evaluation-harness-compatible benchmark scores from local task files, with a progress
+bar per task under a terminal and periodic plain lines (elapsed, ETA) otherwise (`growlm.cli.progress`)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,34 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from growlm.cli.progress import ProgressDisplay, make_console
 from growlm.errors import GrowlmError
-from growlm.eval import SUITES, evaluate, evaluate_suite
+from growlm.eval import SUITES, evaluate, evaluate_suite, suite_tasks
+from growlm.eval.tasks import TASKS
 from growlm.io import atomic_write, check_output
 from growlm.models.hf import load_model
 from growlm.train.precision import choose_autocast
 
 METRIC_ORDER = ("acc", "acc_norm", "strict-match", "flexible-extract", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte",
                 "token_perplexity")
+
+
+def task_progress(display: ProgressDisplay, names: Sequence[str]) -> Callable[[int, int], None]:
+    """The `progress(done, total)` of one `evaluate` call over `names`: a bar (or plain lines) per task, in
+    the unit its evaluator counts: rolling windows (perplexity tasks), prompts (gsm8k) or requests."""
+    def unit(name: str) -> str:
+        if name == "gsm8k":
+            return "prompts"
+        return "windows" if name in TASKS and TASKS[name].output_type == "loglikelihood_rolling" else "requests"
+    return display.parts([(n, unit(n)) for n in names])
 
 
 def eval(  # noqa: A001 - the subcommand is called `eval`
@@ -81,20 +96,24 @@ def eval(  # noqa: A001 - the subcommand is called `eval`
         if prec.warning:
             print(f"warning: {prec.warning.replace('run.autocast=bf16', '--dtype bfloat16')}", file=sys.stderr)
         dtype = "bfloat16" if prec.autocast == "bf16" else "float32"
+    console = make_console()
     t0 = time.time()
-    if suite is not None:
-        res = evaluate_suite(m, tok, data_dir, suite, tasks, limit=limit, batch_size=batch_size, dtype=dtype,
-                             seed=seed)
-    else:
-        tasks = tasks or "hellaswag,piqa"
-        res = evaluate(m, tok, tasks, data_dir, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
-                       dtype=dtype, seed=seed)
+    with ProgressDisplay(console) as display:
+        if suite is not None:
+            names = [e[0] for e in suite_tasks(suite, tasks)]
+            res = evaluate_suite(m, tok, data_dir, suite, tasks, limit=limit, batch_size=batch_size, dtype=dtype,
+                                 seed=seed, progress=task_progress(display, names))
+        else:
+            tasks = tasks or "hellaswag,piqa"
+            names = [t.strip() for t in tasks.split(",")]
+            res = evaluate(m, tok, tasks, data_dir, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                           dtype=dtype, seed=seed, progress=task_progress(display, names))
     elapsed = time.time() - t0
     if suite is not None:
-        _print_row(model, res, elapsed)
+        _print_row(console, model, res, elapsed)
 
     shots = "suite few-shot" if suite else f"{num_fewshot}-shot"
-    table = Table(title=f"{model} | {shots} | {dtype} | {elapsed:.1f} s")
+    table = Table(title=f"{model} | {shots} | {dtype} | {elapsed:.1f} s", box=_box(console))
     for col in ("task", "n", "metric", "value", "stderr"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")
     for name, r in res["results"].items():
@@ -108,7 +127,7 @@ def eval(  # noqa: A001 - the subcommand is called `eval`
             se = g["acc_stderr"]
             table.add_row(f"{name}/{group}", str(g["n"]), "acc", f"{g['acc']:.4f}",
                           "" if math.isnan(se) else f"{se:.4f}")
-    Console().print(table)
+    console.print(table)
     if out:
         payload = {"model": model, "tasks": tasks, "data_dir": str(data_dir), "limit": limit,
                    "num_fewshot": num_fewshot, "batch_size": batch_size, "dtype": dtype, "seed": seed,
@@ -116,13 +135,18 @@ def eval(  # noqa: A001 - the subcommand is called `eval`
         p = Path(out)
         p.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(p, json.dumps(payload, indent=1) + "\n")
-        Console().print(f"wrote {p}")
+        console.print(f"wrote {p}")
 
 
-def _print_row(model: str, res: dict, elapsed: float) -> None:
+def _box(console: Console) -> box.Box:
+    """Heavy rules on a terminal; ASCII in files and CI logs (no bar glyphs outside a terminal)."""
+    return box.HEAVY_HEAD if console.is_terminal else box.ASCII
+
+
+def _print_row(console: Console, model: str, res: dict, elapsed: float) -> None:
     """The suite's row (percent) beside the seed model card's."""
     row = res["row"]
-    table = Table(title=f"{model} | {res['suite']} | {elapsed:.1f} s")
+    table = Table(title=f"{model} | {res['suite']} | {elapsed:.1f} s", box=_box(console))
     table.add_column("", justify="left")
     for name, r in row.items():
         table.add_column(f"{name} ({r['num_fewshot']}-shot)", justify="right")
@@ -131,4 +155,4 @@ def _print_row(model: str, res: dict, elapsed: float) -> None:
                            else f"{r['value']:.2f}" for r in row.values()), f"{res['average']:.2f}")
     table.add_row("items", *(str(r["n"]) for r in row.values()), "")
     table.add_row("seed card", *(f"{res['seed_card'][n]:.2f}" for n in row), f"{res['seed_card_average']:.2f}")
-    Console().print(table)
+    console.print(table)

@@ -10,9 +10,13 @@ import os
 import sys
 import warnings
 from typing import Callable
+from growlm.cli import distill as cmd_distill
 from growlm.cli import eval as cmd_eval
+from growlm.cli import export as cmd_export
 from growlm.cli import grow as cmd_grow
 from growlm.cli import model as cmd_model
+from growlm.cli import plan as cmd_plan
+from growlm.cli import prune as cmd_prune
 from growlm.cli import report as cmd_report
 from growlm.cli import train as cmd_train
 from growlm.errors import GrowlmError
@@ -28,9 +32,13 @@ def _commands() -> dict[str, Callable]:
         "demo": cmd_model.demo,
         "tokenizer": cmd_model.tokenizer,
         "grow": cmd_grow.grow,
+        "prune": cmd_prune.prune,
         "eval": cmd_eval.eval,
         "train": cmd_train.train,
+        "distill": cmd_distill.distill,
         "report": cmd_report.report,
+        "export": cmd_export.export,
+        "plan": cmd_plan.plan,
     }
 
 
@@ -39,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from jsonargparse import ArgumentParser, CLI  # noqa: F401
 
 
-    argv = cmd_report.positional_runs([_underscore_option(a) for a in (sys.argv[1:] if argv is None else argv)])
+    argv = cmd_export.positional_run(cmd_report.positional_runs([_underscore_option(a) for a in (sys.argv[1:] if argv is None else argv)]))
     try:
         from jsonargparse import auto_cli
     except ImportError:  # older jsonargparse

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from growlm.cli.eval import task_progress
+from growlm.cli.progress import ProgressDisplay, make_console
 from growlm.errors import GrowlmError
 from growlm.eval import evaluate
 from growlm.io import atomic_write
@@ -72,7 +74,9 @@ def run_eval(run_dir: Path, hf_dir: Path, tasks: str, data_dir: str, limit: int 
     if tok is None:
         raise GrowlmError(f"{hf_dir}: has no tokenizer; eval tasks need one")
     t0 = time.time()
-    res = evaluate(model, tok, tasks, data_dir, limit=limit, batch_size=batch_size)
+    with ProgressDisplay(make_console()) as display:
+        res = evaluate(model, tok, tasks, data_dir, limit=limit, batch_size=batch_size,
+                       progress=task_progress(display, [t.strip() for t in tasks.split(",")]))
     payload = {"model": str(hf_dir), "tasks": tasks, "limit": limit, "eval_seconds": round(time.time() - t0, 2),
                "results": res["results"]}
     atomic_write(run_dir / EVAL_FILE, json.dumps(payload, indent=1) + "\n")

@@ -15,24 +15,18 @@ from pathlib import Path
 import time
 
 from rich import box
-from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
 from rich.table import Table
 
+from growlm.cli.progress import ProgressDisplay, hms, make_console
 from growlm.report import load_run, write_card
 from growlm.train import GrowthConfig, ModelSource, OptimConfig, RegConfig, RunConfig, TrainConfig
 from growlm.train import checkpoint as ckpt
 from growlm.train import train as run_training
+from growlm.train.trainer import TrainResult
 from growlm.train.data import DataConfig
 from growlm.train.parallel import dist_info
 
-console = Console() if sys.stdout.isatty() else Console(width=150)
-
-
-def hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+console = make_console()
 
 
 def format_line(rec: dict, max_steps: int, elapsed: float | None = None, eta: float | None = None) -> str:
@@ -105,59 +99,53 @@ def train(
         reg: KD from the pre-growth snapshot and EWC.
         run: batch, precision, evaluation, logging, checkpoints, resume.
     """
-    cfg = TrainConfig(model=model, data=data, optim=optim, growth=growth, reg=reg, run=run)
+    run_config(TrainConfig(model=model, data=data, optim=optim, growth=growth, reg=reg, run=run))
+
+
+def run_config(cfg: TrainConfig) -> TrainResult | None:
+    """Run a training (or distillation) config with progress bars and the end-of-run tables and card;
+    the result on rank 0, None elsewhere."""
+    run = cfg.run
     rank0 = int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK; the process group starts in the Trainer
-    progress = Progress(TextColumn("[bold]{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[rate]:>14}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                        console=console, transient=True, disable=not rank0 or not console.is_terminal)
-    bars: dict[str, TaskID] = {}
+    display = ProgressDisplay(console, enabled=rank0)
     t0 = time.perf_counter()
     first: list[tuple[int, float]] = []  # (step, time) of the first logged step: the base of the ETA (setup excluded)
-
-    def bar(name: str, total: int) -> TaskID:
-        if name not in bars:
-            bars[name] = progress.add_task(name, total=total, rate="")
-        return bars[name]
 
     def on(kind: str, rec: dict) -> None:
         if dist_info()[0] != 0:
             return
-        if kind == "progress":  # tokenising the corpus, evaluating: bars only (terminals), never the log
-            b = bar(rec["task"], rec["total"])
-            unit = "docs" if rec["task"] == "tokenise" else "batches"
-            el = progress.tasks[b].elapsed or 0.0
-            rate = f"{rec['done'] / el:,.1f} {unit}/s" if el > 0 else ""
-            progress.update(b, completed=rec["done"], total=rec["total"], rate=rate, visible=rec["done"] < rec["total"])
-            if rec["done"] >= rec["total"]:
-                progress.reset(b, visible=False)  # the next evaluation starts its clock again
+        if kind == "progress":  # tokenising the corpus, building a teacher cache (bar, or plain lines); evaluating
+            unit = {"tokenise": "docs", "targets": "blocks"}.get(rec["task"], "batches")  # (bar only: the step line has val)
+            display.update(rec["task"], rec["done"], rec["total"], unit, log=unit != "batches")
         elif kind == "log":
             now = time.perf_counter()
             first[:] = first or [(rec["step"], now)]
             done = rec["step"] - first[0][0]
             eta = (now - first[0][1]) / done * (run.max_steps - rec["step"]) if done > 0 else None
             rate = f"{rec['tok_s']:,.0f} tok/s" if rec.get("tok_s") else ""
-            progress.update(bar("train", run.max_steps), completed=rec["step"], rate=rate)
-            progress.console.print(format_line(rec, run.max_steps, now - t0, eta), highlight=False)
+            display.update("train", rec["step"], run.max_steps, "steps", rate=rate, log=False)
+            display.print(format_line(rec, run.max_steps, now - t0, eta))
         elif kind == "info":  # what a resume changed, which checkpoint it skipped: one line each
-            progress.console.print(rec["message"], highlight=False)
+            display.print(rec["message"])
         elif kind == "growth":
-            progress.console.print(
+            display.console.print(
                 f"[bold green]growth[/] step {rec['step']}: {rec['operator']} "
                 f"{rec['params_before']:,} -> {rec['params_after']:,} params (+{rec['params_added']:,}), "
                 f"val loss {rec['val_loss_before']:.6f} -> {rec['val_loss_after']:.6f} (delta {rec['val_loss_delta']:+.2e})"
             )
 
     try:
-        with progress:
+        with display:
             res = run_training(cfg, callback=on)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(interrupted_message(cfg, sys.argv[1:])) from None
     if not rank0:
-        return
+        return None
     elapsed = time.perf_counter() - t0
     if res.events:
         console.print(growth_table(res.events))
-    t = Table(title=f"{cfg.model.name}: {res.step} steps in {elapsed:.0f} s", box=box.HEAVY_HEAD if console.is_terminal else box.ASCII)
+    who = f"student of {cfg.distill.teacher}" if cfg.distill.teacher else cfg.model.name
+    t = Table(title=f"{who}: {res.step} steps in {elapsed:.0f} s", box=box.HEAVY_HEAD if console.is_terminal else box.ASCII)
     t.add_column("measure")
     t.add_column("base", justify="right")
     t.add_column("final", justify="right")
@@ -173,3 +161,4 @@ def train(
         console.print("report: " + ", ".join(str(c) for c in cards), highlight=False)
     except Exception as e:  # noqa: BLE001 - the run itself succeeded: say so, and how to retry the report
         console.print(f"report: not written ({type(e).__name__}: {e}); retry with: growlm report {cfg.run.out_dir}", highlight=False)
+    return res

@@ -6,7 +6,7 @@ Leaderboard row; `generate_until` is the harness's greedy generation.
 """
 
 from growlm.eval.generate import generate_until
-from growlm.eval.leaderboard import SEED_CARD_ROW, SUITES, evaluate, evaluate_suite
+from growlm.eval.leaderboard import SEED_CARD_ROW, SUITES, evaluate, evaluate_suite, suite_tasks
 from growlm.eval.scoring import (
     loglikelihood,
     loglikelihood_rolling,
@@ -19,4 +19,4 @@ from growlm.eval.scoring import (
 
 __all__ = ["SEED_CARD_ROW", "SUITES", "evaluate", "evaluate_suite", "generate_until", "loglikelihood",
            "loglikelihood_rolling", "loglikelihood_tokens", "mean_stderr", "perplexity", "rolling_windows",
-           "tok_encode"]
+           "suite_tasks", "tok_encode"]

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -47,14 +47,18 @@ def generate_tokens(
     stop=None,
     batch_size: int = 16,
     dtype: str = "float32",
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of token prompts (new tokens only, each cut after its EOS), longest first in
-    left-padded batches; stop(i, new_tokens) -> True ends prompt i early."""
+    left-padded batches; stop(i, new_tokens) -> True ends prompt i early. `progress(done, total)`: (0, total)
+    first, then after each batch (done: prompts completed)."""
     if batch_size < 1:
         raise GrowlmError(f"batch_size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), tuple(prompts[i])))
     out: list[list[int]] = [[] for _ in prompts]
+    if progress is not None:
+        progress(0, len(prompts))
     was_training = model.training
     model.eval()
     try:
@@ -75,6 +79,8 @@ def generate_tokens(
                     if eos_token_id is not None and eos_token_id in toks:
                         toks = toks[: toks.index(eos_token_id) + 1]
                     out[i] = toks
+                if progress is not None:
+                    progress(start + len(chunk), len(prompts))
     finally:
         model.train(was_training)
     return out
@@ -89,8 +95,10 @@ def generate_until(
     batch_size: int = 16,
     dtype: str = "float32",
     max_length: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
-    """Greedy completions of `contexts`, cut at the stop sequences (HFLM.generate_until semantics)."""
+    """Greedy completions of `contexts`, cut at the stop sequences (HFLM.generate_until semantics);
+    `progress(done, total)` after each batch (done: contexts completed)."""
     max_length = max_length or model.config.block_size
     max_ctx = max_length - max_gen_toks
     if max_ctx < 1:
@@ -106,5 +114,5 @@ def generate_until(
         text = tokenizer.decode(new[-lookback:], skip_special_tokens=False)
         return new[-1] == model_eos or any(s and s in text for s in stops)
 
-    toks = generate_tokens(model, prompts, max_gen_toks, tokenizer.eos_token_id, stopped, batch_size, dtype)
+    toks = generate_tokens(model, prompts, max_gen_toks, tokenizer.eos_token_id, stopped, batch_size, dtype, progress)
     return [cut_at_stops(tokenizer.decode(t, skip_special_tokens=True), stops) for t in toks]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from growlm.errors import GrowlmError
 from growlm.eval import benchmarks as B
@@ -69,22 +69,28 @@ def _mean(xs: Sequence[float]) -> float:
 # -- MMLU ------------------------------------------------------------------------------------------
 def evaluate_mmlu(model: GPT, tokenizer, data_dir: str, subjects: Sequence[str], limit: int | None = None,
                   num_fewshot: int = 5, batch_size: int = 16, dtype: str = "float32",
-                  max_length: int | None = None) -> tuple[dict, list]:
+                  max_length: int | None = None, progress: Callable[[int, int], None] | None = None
+                  ) -> tuple[dict, list]:
     files = [B.mmlu_subject_files(data_dir, s) for s in subjects]
     for test, dev in files:  # every file is checked before the first forward pass
         if not test.is_file():
             raise GrowlmError(f"{test}: missing MMLU subject file")
         if num_fewshot and not dev.is_file():
             raise GrowlmError(f"{dev}: missing MMLU subject file (the few-shot pool)")
-    per_subject, samples = {}, []
-    for subject, (test, dev) in zip(subjects, files):
+    per_subject, samples, work = {}, [], []
+    for subject, (test, dev) in zip(subjects, files):  # every subject's requests first: progress spans them all
         docs = B.read_mmlu_csv(test)[:limit] if limit else B.read_mmlu_csv(test)
         shots = B.read_mmlu_csv(dev) if num_fewshot else []
         if num_fewshot > len(shots) and num_fewshot:
             raise GrowlmError(f"{dev}: num_fewshot={num_fewshot} needs {num_fewshot} rows, the file has {len(shots)}")
         pre = B.mmlu_fewshot(subject, shots[:num_fewshot])
-        reqs = [encode_pair(tokenizer, pre + B.mmlu_prompt(d), " " + c) for d in docs for c in B.MMLU_CHOICES]
-        scores = loglikelihood_tokens(model, reqs, batch_size, dtype, max_length, share_context="prefix")
+        work.append((subject, docs, [encode_pair(tokenizer, pre + B.mmlu_prompt(d), " " + c)
+                                     for d in docs for c in B.MMLU_CHOICES]))
+    total, done = sum(len(r) for _, _, r in work), 0
+    for subject, docs, reqs in work:
+        tick = None if progress is None else (lambda d, _, base=done: progress(base + d, total))
+        scores = loglikelihood_tokens(model, reqs, batch_size, dtype, max_length, share_context="prefix", progress=tick)
+        done += len(reqs)
         accs = []
         for k, d in enumerate(docs):
             lls = [s[0] for s in scores[4 * k: 4 * k + 4]]
@@ -114,7 +120,8 @@ def evaluate_mmlu(model: GPT, tokenizer, data_dir: str, subjects: Sequence[str],
 # -- TruthfulQA ------------------------------------------------------------------------------------
 def evaluate_truthfulqa(model: GPT, tokenizer, data_dir: str, which: str, limit: int | None = None,
                         num_fewshot: int = 0, batch_size: int = 16, dtype: str = "float32",
-                        max_length: int | None = None) -> tuple[dict, list]:
+                        max_length: int | None = None, progress: Callable[[int, int], None] | None = None
+                        ) -> tuple[dict, list]:
     if num_fewshot:
         raise GrowlmError(f"{which}: the task is 0-shot (its prompt carries a fixed six-question preamble)")
     path = B.truthfulqa_file(data_dir)
@@ -126,7 +133,7 @@ def evaluate_truthfulqa(model: GPT, tokenizer, data_dir: str, which: str, limit:
         ctx = B.truthfulqa_prompt(d)
         spans.append((len(reqs), len(reqs) + len(d[key]["choices"])))
         reqs += [(ctx, " " + c) for c in d[key]["choices"]]
-    scores = loglikelihood(model, tokenizer, reqs, batch_size, dtype, max_length)
+    scores = loglikelihood(model, tokenizer, reqs, batch_size, dtype, max_length, progress=progress)
     samples = []
     for d, (a, b) in zip(docs, spans):
         lls = [s[0] for s in scores[a:b]]
@@ -155,7 +162,8 @@ def gsm8k_contexts(docs: Sequence[dict], pool: Sequence[dict], num_fewshot: int,
 
 def evaluate_gsm8k(model: GPT, tokenizer, data_dir: str, limit: int | None = None, num_fewshot: int = 5,
                    batch_size: int = 16, dtype: str = "float32", seed: int = 1234,
-                   max_length: int | None = None, max_gen_toks: int = B.GSM8K_MAX_GEN_TOKS) -> tuple[dict, list]:
+                   max_length: int | None = None, max_gen_toks: int = B.GSM8K_MAX_GEN_TOKS,
+                   progress: Callable[[int, int], None] | None = None) -> tuple[dict, list]:
     test, train = B.gsm8k_files(data_dir)
     docs = B.read_gsm8k(test)
     docs = docs[:limit] if limit else docs
@@ -163,7 +171,8 @@ def evaluate_gsm8k(model: GPT, tokenizer, data_dir: str, limit: int | None = Non
     if num_fewshot > len(pool) and num_fewshot:
         raise GrowlmError(f"{train}: num_fewshot={num_fewshot} needs {num_fewshot} rows, the file has {len(pool)}")
     contexts = gsm8k_contexts(docs, pool, num_fewshot, seed)
-    gens = generate_until(model, tokenizer, contexts, B.GSM8K_UNTIL, max_gen_toks, batch_size, dtype, max_length)
+    gens = generate_until(model, tokenizer, contexts, B.GSM8K_UNTIL, max_gen_toks, batch_size, dtype, max_length,
+                          progress)
     samples = []
     for d, g in zip(docs, gens):
         answers = B.gsm8k_extract(g)
@@ -190,10 +199,14 @@ def evaluate(
     seed: int = 1234,
     max_length: int | None = None,
     share_context: str = "packed",
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Score tasks read from local files the way lm-evaluation-harness does
     (`growlm.eval.scoring.evaluate_loglikelihood_tasks` for the log-likelihood tasks, this module for mmlu,
     truthfulqa_mc1/mc2 and gsm8k).
+
+    `progress(done, total)` after each batch, per task in the order given: each task counts from 0 to its
+    own total (requests scored; rolling windows for perplexity tasks; prompts completed for gsm8k).
 
     Returns {"results": {task: metrics}, "samples": {task: per-document scores}}.
     """
@@ -209,20 +222,35 @@ def evaluate(
     for name in names:
         if name in TASKS:
             out = scoring.evaluate_loglikelihood_tasks(model, tokenizer, [name], data_dir, limit, num_fewshot,
-                                                       batch_size, dtype, seed, max_length, share_context)
+                                                       batch_size, dtype, seed, max_length, share_context, progress)
             res, smp = out["results"][name], out["samples"][name]
         elif name == "mmlu" or name.startswith("mmlu_"):
             subjects = list(B.MMLU_SUBJECTS) if name == "mmlu" else [name[5:]]
             res, smp = evaluate_mmlu(model, tokenizer, data_dir, subjects, limit, num_fewshot, batch_size, dtype,
-                                     max_length)
+                                     max_length, progress)
         elif name.startswith("truthfulqa"):
             res, smp = evaluate_truthfulqa(model, tokenizer, data_dir, name, limit, num_fewshot, batch_size,
-                                           dtype, max_length)
+                                           dtype, max_length, progress)
         else:
             res, smp = evaluate_gsm8k(model, tokenizer, data_dir, limit, num_fewshot, batch_size, dtype, seed,
-                                      max_length)
+                                      max_length, progress=progress)
         results[name], samples[name] = res, smp
     return {"results": results, "samples": samples}
+
+
+def suite_tasks(suite: str, tasks: str | Sequence[str] | None = None) -> list[tuple[str, int, str]]:
+    """(task, few-shot, metric) of `suite` in its order; `tasks` (names or comma-separated) picks a subset."""
+    if suite not in SUITES:
+        raise GrowlmError(f"unknown suite {suite!r}; choose from: {', '.join(SUITES)}")
+    entries = SUITES[suite]
+    if tasks:
+        wanted = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+        known = [e[0] for e in entries]
+        bad = [t for t in wanted if t not in known]
+        if bad:
+            raise GrowlmError(f"{', '.join(bad)}: not in the {suite} suite ({', '.join(known)})")
+        entries = [e for e in entries if e[0] in wanted]
+    return entries
 
 
 def evaluate_suite(
@@ -235,21 +263,13 @@ def evaluate_suite(
     batch_size: int = 16,
     dtype: str = "float32",
     seed: int = 1234,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """A suite's tasks, each with its own few-shot count, and its row: {task: score in percent, average}."""
-    if suite not in SUITES:
-        raise GrowlmError(f"unknown suite {suite!r}; choose from: {', '.join(SUITES)}")
-    entries = SUITES[suite]
-    if tasks:
-        wanted = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
-        known = [e[0] for e in entries]
-        bad = [t for t in wanted if t not in known]
-        if bad:
-            raise GrowlmError(f"{', '.join(bad)}: not in the {suite} suite ({', '.join(known)})")
-        entries = [e for e in entries if e[0] in wanted]
+    """A suite's tasks, each with its own few-shot count, and its row: {task: score in percent, average};
+    `progress(done, total)` per task, as `evaluate` (the tasks in `suite_tasks` order)."""
     results, samples, row = {}, {}, {}
-    for name, shots, metric in entries:
-        out = evaluate(model, tokenizer, [name], data_dir, limit, shots, batch_size, dtype, seed)
+    for name, shots, metric in suite_tasks(suite, tasks):
+        out = evaluate(model, tokenizer, [name], data_dir, limit, shots, batch_size, dtype, seed, progress=progress)
         results[name], samples[name] = out["results"][name], out["samples"][name]
         row[name] = {"num_fewshot": shots, "metric": metric, "value": 100 * results[name][metric],
                      "stderr": 100 * results[name][f"{metric}_stderr"], "n": results[name]["n"]}

@@ -22,6 +22,10 @@ the harness and against the one-request-at-a-time path):
   questions batch together; or (share_context="cache") through a KV cache broadcast over the choices;
 - only the scored positions go through the output head and the log-softmax (in chunks, so an 8k-token
   window over a 49k vocabulary never materialises all its logits).
+
+Every scoring loop takes an optional `progress(done, total)`: called with (0, total) before the first forward
+pass and after each batch, `done` counting the requests (rolling windows) scored so far, up to `total`. The
+CLI turns it into a bar or a log line; this module never prints.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import math
 import random
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -224,7 +228,8 @@ def _per_request(model: GPT, h: torch.Tensor, b_idx: list[int], c_idx: list[int]
     return out
 
 
-def _score_prefixed(model: GPT, reqs: list[_Req], batch_size: int, device) -> list[tuple[float, bool]]:
+def _score_prefixed(model: GPT, reqs: list[_Req], batch_size: int, device, tick: Callable[[int], None]
+                    ) -> list[tuple[float, bool]]:
     """All requests' common input prefix (a task's few-shot preamble) runs once into a KV cache; requests
     with the same remaining input (single-token choices of one question) share one row after it."""
     p = min(_common_prefix([r.inp for r in reqs]), min(len(r.inp) - len(r.cont) for r in reqs)) if reqs else 0
@@ -245,6 +250,7 @@ def _score_prefixed(model: GPT, reqs: list[_Req], batch_size: int, device) -> li
         for t, res in zip(chunk, scored):
             for i, r in zip(by_tail[t], res):
                 out[i] = r
+        tick(sum(len(by_tail[t]) for t in chunk))
     return out  # type: ignore[return-value]
 
 
@@ -259,8 +265,10 @@ def loglikelihood_tokens(
     dtype: str = "float32",
     max_length: int | None = None,
     share_context: str = "packed",
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[tuple[float, bool]]:
-    """(log p sum, is_greedy) for token-level (context, continuation) pairs, in the order given.
+    """(log p sum, is_greedy) for token-level (context, continuation) pairs, in the order given;
+    `progress(done, total)` after each batch (done: requests scored).
 
     Requests with the same context (the choices of one question) share the forward pass of their common
     input-token prefix (only the common prefix: joint encoding may change tokens at the boundary):
@@ -282,12 +290,21 @@ def loglikelihood_tokens(
     device = next(model.parameters()).device
     reqs = [_make_req(list(c), list(x), max_length) for c, x in requests]
     out: list[tuple[float, bool] | None] = [None] * len(reqs)
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, len(reqs))
+
+    tick(0)
     was_training = model.training
     model.eval()
     try:
         with _autocast(dtype, device):
             if share_context == "prefix":
-                return _score_prefixed(model, reqs, batch_size, device)
+                return _score_prefixed(model, reqs, batch_size, device, tick)
             singles = list(range(len(reqs)))
             if share_context != "none":
                 by_ctx: dict[tuple[int, ...], list[int]] = defaultdict(list)
@@ -311,6 +328,7 @@ def loglikelihood_tokens(
                             tails = [_Req(reqs[i].inp[p:], reqs[i].cont) for i in chunk]
                             for i, r in zip(chunk, _run_batch(model, tails, device, cache.expand(len(chunk)))):
                                 out[i] = r
+                            tick(len(chunk))
                 else:
                     # rows of similar packed length share a batch
                     shared.sort(key=lambda g: -(g[1] + sum(len(reqs[i].inp) - g[1] for i in g[0])))
@@ -322,6 +340,7 @@ def loglikelihood_tokens(
                             for (m, _), res in zip(batch, scored):
                                 for i, r in zip(m, res):
                                     out[i] = r
+                            tick(sum(len(m) for m, _ in batch))
                             batch = []
             # longest first, like the harness's Collator: similar lengths share a batch, OOMs come early
             singles.sort(key=lambda i: (-len(reqs[i].inp) - 1, tuple(reqs[i].inp)))
@@ -329,6 +348,7 @@ def loglikelihood_tokens(
                 chunk = singles[start: start + batch_size]
                 for i, r in zip(chunk, _run_batch(model, [reqs[i] for i in chunk], device)):
                     out[i] = r
+                tick(len(chunk))
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]
@@ -342,10 +362,12 @@ def loglikelihood(
     dtype: str = "float32",
     max_length: int | None = None,
     share_context: str = "packed",
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[tuple[float, bool]]:
-    """(sum of log p(continuation | context), is_greedy) per (context, continuation) string pair."""
+    """(sum of log p(continuation | context), is_greedy) per (context, continuation) string pair;
+    `progress(done, total)` after each batch (done: pairs scored)."""
     toks = [encode_pair(tokenizer, c, x) for c, x in requests]
-    return loglikelihood_tokens(model, toks, batch_size, dtype, max_length, share_context)
+    return loglikelihood_tokens(model, toks, batch_size, dtype, max_length, share_context, progress)
 
 
 # -- rolling windows (perplexity) ----------------------------------------------------------------
@@ -381,8 +403,10 @@ def loglikelihood_rolling(
     dtype: str = "float32",
     max_length: int | None = None,
     stride: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[float]:
-    """Total log-likelihood of each text (every token scored once) with the harness's rolling windows."""
+    """Total log-likelihood of each text (every token scored once) with the harness's rolling windows;
+    `progress(done, total)` after each batch (done: windows scored)."""
     max_length = max_length or model.config.block_size
     p = prefix_token_id(tokenizer)
     windows, owner = [], []
@@ -390,7 +414,7 @@ def loglikelihood_rolling(
         for w in rolling_windows(tok_encode(tokenizer, t), p, max_length, stride):
             windows.append(w)
             owner.append(i)
-    scores = loglikelihood_tokens(model, windows, batch_size, dtype, max_length, share_context="none")
+    scores = loglikelihood_tokens(model, windows, batch_size, dtype, max_length, share_context="none", progress=progress)
     totals = [0.0] * len(texts)
     for i, (ll, _) in zip(owner, scores):
         totals[i] += ll
@@ -430,10 +454,12 @@ def perplexity(
     dtype: str = "float32",
     max_length: int | None = None,
     stride: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float | str]:
-    """Perplexity metrics of documents (each scored from its own start, as the harness does)."""
+    """Perplexity metrics of documents (each scored from its own start, as the harness does);
+    `progress(done, total)` after each batch (done: rolling windows scored)."""
     texts = [texts] if isinstance(texts, str) else list(texts)
-    lls = loglikelihood_rolling(model, tokenizer, texts, batch_size, dtype, max_length, stride)
+    lls = loglikelihood_rolling(model, tokenizer, texts, batch_size, dtype, max_length, stride, progress)
     n_tokens = sum(len(tok_encode(tokenizer, t)) for t in texts)
     n_words = sum(count_words(t) for t in texts)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
@@ -467,8 +493,12 @@ def evaluate_loglikelihood_tasks(
     seed: int = 1234,
     max_length: int | None = None,
     share_context: str = "packed",
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Score tasks read from local files the way lm-evaluation-harness does.
+
+    `progress(done, total)` after each batch, per task: each task counts from 0 to its own total (requests,
+    or rolling windows for perplexity tasks), one task after the other.
 
     Few-shot examples are drawn from the task's own file with `random.Random(seed)` in document order, the
     evaluated document left out (the harness's ContextSampler with its default fewshot seed 1234).
@@ -505,7 +535,7 @@ def evaluate_loglikelihood_tasks(
         per_doc = []
         if task.output_type == "loglikelihood_rolling":
             texts = [c for _, c in reqs]
-            lls = loglikelihood_rolling(model, tokenizer, texts, batch_size, dtype, max_length)
+            lls = loglikelihood_rolling(model, tokenizer, texts, batch_size, dtype, max_length, progress=progress)
             # the harness counts words and bytes of the page before detokenisation
             words = [count_words(d["page"]) for d in eval_docs]
             nbytes = [len(d["page"].encode("utf-8")) for d in eval_docs]
@@ -514,7 +544,7 @@ def evaluate_loglikelihood_tasks(
             res.update(m)
             per_doc = [{"loglikelihood": ll, "words": w, "bytes": b} for ll, w, b in zip(lls, words, nbytes)]
         else:
-            scores = loglikelihood(model, tokenizer, reqs, batch_size, dtype, max_length, share_context)
+            scores = loglikelihood(model, tokenizer, reqs, batch_size, dtype, max_length, share_context, progress)
             for doc, (a, b) in zip(eval_docs, spans):
                 lls = [s[0] for s in scores[a:b]]
                 greedy = [s[1] for s in scores[a:b]]

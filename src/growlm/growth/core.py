@@ -198,5 +198,5 @@ def _logit_diff(old: GPT, new: GPT, old_vocab: int, seed: int) -> float:
 
 
 def _shape(cfg: ModelConfig) -> dict[str, Any]:
-    keys = ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "ffn_size", "norm_eps", "tie_embeddings")
+    keys = ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "ffn_size", "mlp", "norm_eps", "tie_embeddings")
     return {k: getattr(cfg, k) for k in keys}

@@ -7,6 +7,7 @@ One config, one model class: the families differ only in the switches below
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,36 @@ class ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
         return cls(**PRESETS[name], name=name)
+
+
+def module_lines(c: dict[str, Any]) -> list[str]:
+    """A module outline of a config dict (`ModelConfig.to_dict()` or a growth record's shape dict): one line per
+    shape that growth or pruning can change. SwiGLU models (`mlp: swiglu`) list the gate projection too."""
+    if not c:
+        return []
+    e, f, v = c.get("n_embd"), c.get("ffn_size"), c.get("vocab_size")
+    hd = c.get("head_dim") or (c.get("n_embd", 0) // max(c.get("n_head", 1), 1))
+    nq, nkv = c.get("n_head", 0), c.get("n_kv_head") or c.get("n_head", 0)
+    head = "tied to embed" if c.get("tie_embeddings") else f"Linear({e}, {v})"
+    if c.get("mlp") == "swiglu":
+        mlp = [f"  mlp.gate: Linear({e}, {f}); mlp.up: Linear({e}, {f}) -> silu(gate) * up",
+               f"  mlp.down: Linear({f}, {e})"]
+    else:
+        mlp = [f"  mlp: Linear({e}, {f}) -> Linear({f}, {e})"]
+    return [f"embed: Embedding({v}, {e})",
+            f"blocks: {c.get('n_layer')} x Block",
+            f"  attn: {nq} query heads, {nkv} KV heads, head_dim {hd}",
+            f"  attn.q: Linear({e}, {nq * hd}); attn.kv: 2 x Linear({e}, {nkv * hd})",
+            f"  attn.o: Linear({nq * hd}, {e})",
+            *mlp,
+            f"norm: ({e})", f"head: {head}"]
+
+
+def module_diff(before: dict[str, Any], after: dict[str, Any], names: tuple[str, str] = ("before", "after")) -> list[str]:
+    """Unified diff (difflib, whole outline as context) of `module_lines(before)` -> `module_lines(after)`;
+    empty when the outlines are equal."""
+    a, b = module_lines(before), module_lines(after)
+    return list(difflib.unified_diff(a, b, names[0], names[1], lineterm="", n=max(len(a), len(b))))
 
 
 _GPT2 = dict(norm="layernorm", mlp="gelu", position="learned", attn_bias=True, proj_bias=True,

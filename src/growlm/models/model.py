@@ -7,6 +7,9 @@ Llama (Touvron et al. 2023): RoPE (Su et al. 2021), RMSNorm, SwiGLU MLP, grouped
 Every forward pass goes through `GPT.hidden(idx, pos, mask, cache)` (final-normed hidden states) and
 `GPT.forward` (the same plus the output head): explicit positions and a boolean attention mask let callers
 pack several sequences into one row (shared-context scoring) without re-implementing a block.
+Attention runs through SDPA, except in the layers whose attention probabilities a caller asks for
+(`GPT.forward(..., attention_layers=[...])`, for attention-map distillation): those compute
+softmax(Q K^T / sqrt(hs) + mask) explicitly, with the same result to float rounding.
 
 Parameter names (used by the HF weight maps and by the growth operators):
   wte, wpe, blocks.{i}.norm_1, blocks.{i}.attn.{q,k,v,o}, blocks.{i}.norm_2,
@@ -16,7 +19,7 @@ Parameter names (used by the HF weight maps and by the growth operators):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -124,7 +127,10 @@ class Attention(nn.Module):
         causal: bool,
         cache: KVCache | None,
         layer: int,
+        probs: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """probs: when given, attention is computed explicitly and its probabilities (B, nh, T, S) are
+        stored in probs[layer]; otherwise SDPA (same values to float rounding, no (T, S) matrix kept)."""
         B, T, _ = x.shape
         cfg = self.cfg
         q = self.q(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -134,10 +140,34 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=cfg.n_kv_head != cfg.n_head)
+        if probs is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               enable_gqa=cfg.n_kv_head != cfg.n_head)
+        else:
+            y, probs[layer] = explicit_attention(q, k, v, mask, causal)
         y = y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim)
         return self.o(y)
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                       causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA written out: P = softmax(q k^T / sqrt(hs) + mask), y = P v; returns (y, P).
+
+    q: (B, nh, T, hs); k, v: (B, nkv, S, hs), each KV head shared by nh / nkv consecutive query heads
+    (GQA, as SDPA's enable_gqa). `causal` is SDPA's is_causal (query i sees keys 0..i); `mask` is a boolean
+    mask broadcastable to (B, nh, T, S), True where a query may attend. The softmax runs in at least float32.
+    """
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, S, hs)
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, T, S)
+    if causal:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    p = scores.softmax(-1)
+    return p.to(v.dtype) @ v, p
 
 
 class MLP(nn.Module):
@@ -162,8 +192,8 @@ class Block(nn.Module):
         self.norm_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, mask, causal, cache, layer):
-        x = x + self.attn(self.norm_1(x), rope, mask, causal, cache, layer)
+    def forward(self, x, rope, mask, causal, cache, layer, probs=None):
+        x = x + self.attn(self.norm_1(x), rope, mask, causal, cache, layer, probs)
         x = x + self.mlp(self.norm_2(x))
         return x
 
@@ -173,6 +203,8 @@ class ModelOutput:
     logits: torch.Tensor
     hidden_states: list[torch.Tensor] | None = None
     """Residual stream: the embedding output, then after each block (n_layer + 1 tensors, before norm_f)."""
+    attentions: dict[int, torch.Tensor] | None = None
+    """Attention probabilities (B, n_head, T, S) of the layers asked for, by block index."""
 
 
 class GPT(nn.Module):
@@ -224,20 +256,27 @@ class GPT(nn.Module):
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
+        attention_layers: Sequence[int] = (),
         targets: torch.Tensor | None = None,
         loss_chunk: int = 0,
     ) -> torch.Tensor | ModelOutput:
-        """Logits (B, T, vocab) for token ids (B, T); a ModelOutput when hidden states are asked for.
+        """Logits (B, T, vocab) for token ids (B, T); a ModelOutput when hidden states or attentions are asked for.
 
-        `pos`, `mask` and `cache` mean what they mean in `hidden`. With `targets` (B, T) (-100 = ignored): the
-        mean cross-entropy instead, `loss_chunk` tokens at a time (growlm.models.head; 0 = all logits at once).
+        `pos`, `mask` and `cache` mean what they mean in `hidden`. attention_layers: block indices whose
+        attention probabilities are returned in ModelOutput.attentions; only those blocks leave SDPA.
+        With `targets` (B, T) (-100 = ignored): the mean cross-entropy instead, `loss_chunk` tokens at a time
+        (growlm.models.head; 0 = all logits at once).
         """
         if targets is not None:  # inside forward(), so that a DDP wrapper sees the head's use
             h = self._trunk(idx, pos, mask, cache, None)
             return chunked_cross_entropy(h, self.head_weight, targets, loss_chunk)
+        bad = [i for i in attention_layers if not 0 <= i < self.config.n_layer]
+        if bad:
+            raise ValueError(f"attention layer {bad[0]} is out of range 0..{self.config.n_layer - 1}")
         states: list[torch.Tensor] | None = [] if output_hidden_states else None
-        logits = F.linear(self._trunk(idx, pos, mask, cache, states), self.head_weight)
-        return ModelOutput(logits, states) if output_hidden_states else logits
+        attns: dict[int, torch.Tensor] | None = {} if attention_layers else None
+        logits = F.linear(self._trunk(idx, pos, mask, cache, states, attns, set(attention_layers)), self.head_weight)
+        return ModelOutput(logits, states, attns) if output_hidden_states or attention_layers else logits
 
     def hidden(
         self,
@@ -260,7 +299,8 @@ class GPT(nn.Module):
         """
         return self._trunk(idx, pos, mask, cache, None)
 
-    def _trunk(self, idx, pos, mask, cache, states: list[torch.Tensor] | None) -> torch.Tensor:
+    def _trunk(self, idx, pos, mask, cache, states: list[torch.Tensor] | None,
+               attns: dict[int, torch.Tensor] | None = None, attn_layers: frozenset[int] | set[int] = frozenset()) -> torch.Tensor:
         cfg = self.config
         B, T = idx.shape
         past = cache.length if cache is not None else 0
@@ -287,10 +327,11 @@ class GPT(nn.Module):
             states.append(x)
         ckpt = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
-            if ckpt:  # keep the block's input only; its activations are recomputed in the backward
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, causal, cache, i, use_reentrant=False)
+            attn = attns if i in attn_layers else None
+            if ckpt and attn is None:  # keep the block's input only; its activations are recomputed in the backward
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, causal, cache, i, None, use_reentrant=False)
             else:
-                x = block(x, rope, mask, causal, cache, i)
+                x = block(x, rope, mask, causal, cache, i, attn)
             if states is not None:
                 states.append(x)
         return self.norm_f(x)

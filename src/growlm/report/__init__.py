@@ -3,6 +3,6 @@
 
 from growlm.report.card import card_text, write_card
 from growlm.report.compare import write_comparison
-from growlm.report.run import EVAL_FILE, RunData, is_run_dir, load_run
+from growlm.report.run import DISTILL_FILE, EVAL_FILE, RunData, is_run_dir, load_run
 
-__all__ = ["EVAL_FILE", "RunData", "card_text", "is_run_dir", "load_run", "write_card", "write_comparison"]
+__all__ = ["DISTILL_FILE", "EVAL_FILE", "RunData", "card_text", "is_run_dir", "load_run", "write_card", "write_comparison"]

@@ -7,7 +7,6 @@ saved config / eval results), so a test can recompute each cell from the same fi
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -19,6 +18,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from growlm.io import atomic_write
+from growlm.models.config import module_diff, module_lines
 from growlm.report import plots
 from growlm.report.run import RunData
 
@@ -60,8 +60,10 @@ def _table(head: list[str], rows: list[list[str]], right: int = 1) -> str:
 
 # -- what the run was ------------------------------------------------------------------------------------
 def base_model(run: RunData) -> tuple[str | None, str]:
-    """(hub id of the starting model or None, licence) from the saved config."""
+    """(hub id of the starting model (a distillation's teacher) or None, licence) from the saved config."""
     name, init = run.value("model.name"), run.value("model.init")
+    if run.value("distill.teacher"):
+        name, init = run.value("distill.teacher"), "pretrained"
     if init != "pretrained" or not isinstance(name, str):
         return None, "apache-2.0"  # trained from scratch: growlm's own licence
     if name in KNOWN_BASES:
@@ -82,6 +84,8 @@ def summary_sentence(run: RunData) -> str:
     tokens = (run.last or {}).get("tokens", 0)
     ops = ", ".join(f"{e.get('operator')} at step {e.get('step')}" for e in run.growth)
     start = f"`{name}` trained from scratch" if init == "scratch" else f"continued pretraining of `{name}`"
+    if run.value("distill.teacher"):
+        start = f"knowledge distillation from the teacher `{run.value('distill.teacher')}` into {student_text(run)}"
     parts = [start]
     if run.growth:
         parts.append(f"grown {len(run.growth)} time{'s' * (len(run.growth) != 1)} during training ({ops})")
@@ -91,6 +95,18 @@ def summary_sentence(run: RunData) -> str:
         parts.append(f"with EWC (lambda {run.value('reg.ewc_lambda')})")
     return (f"This model is the result of {', '.join(parts)}: {fmt_int(steps)} steps, {fmt_int(tokens)} tokens "
             f"of {dataset_name(run)}.")
+
+
+def student_text(run: RunData) -> str:
+    """'a student cut from it (layers 0, 3, ... kept; 10 of 30)' or 'a student (model section)'."""
+    d = run.distill or {}
+    how, t, s = d.get("student") or {}, d.get("teacher_config") or {}, d.get("student_config") or {}
+    if how.get("init") == "random":
+        return f"a randomly initialised student of {s.get('n_layer')} layers"
+    if how.get("kept_layers") is not None:
+        return (f"a student cut from it ({len(how['kept_layers'])} of its {t.get('n_layer')} layers kept: "
+                f"{', '.join(map(str, how['kept_layers']))}; n_embd {s.get('n_embd')}, ffn {s.get('ffn_size')})")
+    return f"the student `{run.value('model.name', '?')}`"
 
 
 def _spec_text(e: dict[str, Any]) -> str:
@@ -103,7 +119,10 @@ def _spec_text(e: dict[str, Any]) -> str:
 
 # -- architecture ------------------------------------------------------------------------------------------
 def architecture(run: RunData) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(config before the first growth event, config after the last); the export's when there was none."""
+    """(config before the first growth event, config after the last); the export's when there was none; a
+    distillation's teacher and student (before the student's first growth event)."""
+    if run.distill and run.distill.get("teacher_config"):
+        return run.distill["teacher_config"], run.growth[-1].get("after", {}) if run.growth else run.distill.get("student_config", {})
     if run.growth:
         return run.growth[0].get("before", {}), run.growth[-1].get("after", {})
     cfg: dict[str, Any] = {}
@@ -112,31 +131,17 @@ def architecture(run: RunData) -> tuple[dict[str, Any], dict[str, Any]]:
     return cfg, cfg
 
 
-def module_lines(c: dict[str, Any]) -> list[str]:
-    """A module outline from a config dict (the shapes growth changes)."""
-    if not c:
-        return []
-    e, hd = c.get("n_embd"), c.get("head_dim") or (c.get("n_embd", 0) // max(c.get("n_head", 1), 1))
-    head = "tied to embed" if c.get("tie_embeddings") else f"Linear({e}, {c.get('vocab_size')})"
-    return [f"embed: Embedding({c.get('vocab_size')}, {e})",
-            f"blocks: {c.get('n_layer')} x Block",
-            f"  attn: {c.get('n_head')} query heads, {c.get('n_kv_head')} KV heads, head_dim {hd}",
-            f"  attn.q: Linear({e}, {c.get('n_head', 0) * hd}); attn.kv: 2 x Linear({e}, {c.get('n_kv_head', 0) * hd})",
-            f"  attn.o: Linear({c.get('n_head', 0) * hd}, {e})",
-            f"  mlp: Linear({e}, {c.get('ffn_size')}) -> Linear({c.get('ffn_size')}, {e})",
-            f"norm: ({e})", f"head: {head}"]
-
-
 def architecture_section(run: RunData) -> str:
     before, after = architecture(run)
     if not before:
         return "## Architecture\n\nUnknown (no growth event and no exported config)."
     keys = [k for k in after if not isinstance(after[k], (dict, list))]
     rows = [[k, str(before.get(k)), str(after.get(k))] for k in keys]
-    diff = [ln for ln in difflib.unified_diff(module_lines(before), module_lines(after), "before", "after", lineterm="", n=8)]
-    out = ["## Architecture", "", _table(["field", "before", "after"], rows, right=1), ""]
+    a, b = ("teacher", "student") if run.distill else ("before", "after")
+    diff = module_diff(before, after, (a, b))
+    out = ["## Architecture", "", _table(["field", a, b], rows, right=1), ""]
     if diff:
-        out += ["Module diff (before -> after):", "", "```diff", *diff, "```"]
+        out += [f"Module diff ({a} -> {b}):", "", "```diff", *diff, "```"]
     else:
         out += ["No growth: the architecture is unchanged.", "", "```", *module_lines(after), "```"]
     return "\n".join(out)
@@ -201,6 +206,24 @@ def metrics_section(run: RunData) -> str:
     return "\n".join(out)
 
 
+def teacher_section(run: RunData) -> str:
+    """Teacher vs student: parameters and validation perplexity (metrics.jsonl), generation speed and eval
+    tasks (distill_results.json, when `growlm distill` measured them)."""
+    d, r = run.distill or {}, run.distill_results or {}
+    te, st = r.get("teacher") or {}, r.get("student") or {}
+    fin = run.final or {}
+    rows = [["parameters", fmt_int(d.get("teacher_params")), fmt_int(d.get("student_params"))],
+            ["validation perplexity (student: final)", fmt_ppl(ppl(d.get("teacher_val_loss"))), fmt_ppl(fin.get("val_ppl"))]]
+    if "gen_tok_s" in te and "gen_tok_s" in st:
+        rows.append(["generation tokens/s (greedy, batch 1)", f"{te['gen_tok_s']:.1f}", f"{st['gen_tok_s']:.1f}"])
+    for task, tr in (te.get("results") or {}).items():
+        for m in EVAL_METRICS:
+            if isinstance(tr.get(m), (int, float)) and isinstance(((st.get("results") or {}).get(task) or {}).get(m), (int, float)):
+                rows.append([f"{task} {m} (n={tr.get('n')})", f"{tr[m]:.4f}", f"{st['results'][task][m]:.4f}"])
+    how = f"Teacher targets: {d.get('targets')}" + (f" (top-{d.get('top_k')} cache)" if d.get("top_k") else "") + "."
+    return "\n".join(["## Teacher vs student", "", _table(["measure", "teacher", "student"], rows), "", how])
+
+
 def eval_results(run: RunData) -> list[EvalResult]:
     """The model-index: every metric evaluated on the final model (validation and retention perplexity,
     validation loss, eval task scores), values exactly as logged."""
@@ -225,11 +248,12 @@ def eval_results(run: RunData) -> list[EvalResult]:
 # -- configuration, resources, usage -------------------------------------------------------------------------
 def resources_section(run: RunData) -> str:
     m, last = run.machine, run.last or {}
-    wall = sum(e.get("wall_s", 0.0) for e in run.ends) if run.ends else None
+    wall, note = run.wall_s, run.wall_note()
+    segs = f", {len(run.segments)} segments" if len(run.segments) > 1 else ""
     mems = [r["peak_mem_mb"] for r in run.train + run.ends if isinstance(r.get("peak_mem_mb"), (int, float))]
     mfus = [r["mfu"] for r in run.train if isinstance(r.get("mfu"), (int, float))]
     tok_s = [r["tok_s"] for r in run.train if isinstance(r.get("tok_s"), (int, float))]
-    rows = [["wall time (training, finished segments)", "—" if wall is None else f"{wall:.1f} s"],
+    rows = [[f"wall time (training{segs})", ("—" if wall is None else f"{wall:.1f} s") + (f" ({note})" if note else "")],
             ["peak memory", "—" if not mems else f"{max(mems):.0f} MB"],
             ["device", str(m.get("gpu") or m.get("device", "—")) + (f" x {m['world']}" if m.get("world", 1) > 1 else "")],
             ["CPU", f"{m.get('cpu', '—')} ({m.get('cpu_count', '—')} cores, {m.get('torch_threads', '—')} torch threads)"],
@@ -285,8 +309,10 @@ def card_data(run: RunData) -> ModelCardData:
     family = "llama" if "llama" in str(run.value("model.name", "")) or run.value("model.name") == "smollm2-135m" else None
     tags = ["growlm", "text-generation"]
     tags += ["model-growth"] if run.growth else []
-    tags += ["continued-pretraining"] if run.value("model.init") == "pretrained" else ["from-scratch"]
-    tags += ["knowledge-distillation"] if (run.value("reg.kd_weight") or 0) > 0 else []
+    if not run.value("distill.teacher"):
+        tags += ["continued-pretraining"] if run.value("model.init") == "pretrained" else ["from-scratch"]
+    tags += ["knowledge-distillation"] if (run.value("reg.kd_weight") or 0) > 0 or run.value("distill.teacher") else []
+    tags += ["pruning"] if ((run.distill or {}).get("student") or {}).get("kept_layers") is not None else []
     tags += [family] if family else []
     return ModelCardData(library_name="transformers", base_model=base, base_model_relation="finetune" if base else None,
                          datasets=[dataset_name(run)], license=lic, tags=tags, pipeline_tag="text-generation",
@@ -300,6 +326,8 @@ def card_text(run: RunData, plot_files: dict[str, str], hf_path: str | None) -> 
         sections += ["", "> **Incomplete run directory**; this report leaves out what it cannot read:", ">"]
         sections += [f"> - {m}" for m in run.missing]
     sections += ["", architecture_section(run), "", growth_section(run), "", metrics_section(run)]
+    if run.distill:
+        sections += ["", teacher_section(run)]
     if plot_files:
         sections += ["", "## Curves", ""] + [f"![{k}]({v})" for k, v in plot_files.items()]
     sections += ["", config_section(run), "", resources_section(run)]

@@ -16,7 +16,7 @@ def compare_rows(runs: list[RunData]) -> list[list[str]]:
     rows = []
     for r in runs:
         f, last = r.final or {}, r.last or {}
-        wall = sum(e.get("wall_s", 0.0) for e in r.ends) if r.ends else None
+        wall = r.wall_s
         rows.append([r.name, str(last.get("step", "—")), fmt_int(last.get("params")), str(len(r.growth)),
                      fmt_int(last.get("tokens")), fmt_sci(last.get("flops")), fmt_loss(f.get("val_loss")),
                      fmt_ppl(f.get("val_ppl")), fmt_loss((r.best or {}).get("val_loss")),

@@ -1,22 +1,25 @@
-"""What a run starts from, built from its config: the model (pretrained or scratch), the tokenizer, the data.
+"""What a run starts from, built from its config: the model (pretrained, scratch, or cut from a teacher), the
+tokenizer, the data, and the teacher of a distillation.
 
 `setup(cfg)` is the one place that loads them; the `Trainer` takes them built, so tests and callers can
-hand it any model and any packed data.
+hand it any model, any packed data and any teacher.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
+from growlm.distill.prune import make_student
 from growlm.errors import GrowlmError
 from growlm.io import parse_dtype
 from growlm.models.config import ModelConfig
 from growlm.models.hf import load_model
 from growlm.models.model import GPT
 from growlm.train.config import ModelSource, TrainConfig
-from growlm.train.data import ByteTokenizer, PackedData, prepare_data
+from growlm.train.data import ByteTokenizer, PackedData, prepare_data, tokenizer_fingerprint
 
 
 def load_tokenizer(spec: str | None, fallback: Any) -> Any:
@@ -49,13 +52,69 @@ def build_model(src: ModelSource, dtype: torch.dtype, seed: int) -> tuple[GPT, A
     return load_model(src.name, dtype=dtype)
 
 
-def setup(cfg: TrainConfig, progress: Callable[[int, int], None] | None = None) -> tuple[GPT, Any, PackedData]:
-    """The model, tokenizer and packed data of `cfg` (weights in run.dtype, on the CPU); `progress(done,
-    total)` follows the tokenisation of the corpus (documents)."""
-    model, tok0 = build_model(cfg.model, parse_dtype(cfg.run.dtype, ("float32", "float64")), cfg.run.seed)
-    tokenizer = load_tokenizer(cfg.model.tokenizer, tok0)
-    check_inputs(cfg, model, tokenizer)  # before tokenising the corpus
-    return model, tokenizer, prepare_data(cfg.data, tokenizer, progress)
+@dataclass
+class Setup:
+    """A run's inputs: the model it trains (the student of a distillation), its tokenizer and data, the teacher."""
+
+    model: GPT
+    tokenizer: Any
+    data: PackedData
+    teacher: GPT | None = None
+    student_record: dict[str, Any] | None = None
+    """How the student was cut from the teacher (growlm.distill.prune.make_student's record)."""
+
+
+def setup(cfg: TrainConfig, progress: Callable[[int, int], None] | None = None) -> Setup:
+    """The model, tokenizer and packed data of `cfg` (weights in run.dtype, on the CPU), and with
+    distill.teacher the teacher, the student cut from it (distill.student) or built from the model section;
+    `progress(done, total)` follows the tokenisation of the corpus (documents)."""
+    dtype = parse_dtype(cfg.run.dtype, ("float32", "float64"))
+    d = cfg.distill
+    if d.teacher is None:
+        model, tok0 = build_model(cfg.model, dtype, cfg.run.seed)
+        tokenizer = load_tokenizer(cfg.model.tokenizer, tok0)
+        check_inputs(cfg, model, tokenizer)  # before tokenising the corpus
+        return Setup(model, tokenizer, prepare_data(cfg.data, tokenizer, progress))
+    teacher, ttok = load_model(d.teacher, dtype=dtype)
+    teacher.eval().requires_grad_(False)
+    if d.student is None:
+        model, tok0 = build_model(cfg.model, dtype, cfg.run.seed)
+        tokenizer = load_tokenizer(cfg.model.tokenizer, tok0 if tok0 is not None else ttok)
+        check_same_tokenizer(tokenizer, ttok)
+        record = None
+    else:
+        tokenizer = load_tokenizer(cfg.model.tokenizer, ttok)
+        check_same_tokenizer(tokenizer, ttok)
+        model = None
+    check_inputs(cfg, teacher, tokenizer)
+    data = prepare_data(cfg.data, tokenizer, progress)
+    if model is None:
+        model, record = make_student(teacher, d.student, calibration_blocks(data, d.student.calibration_batches,
+                                                                            d.student.calibration_seq_len))
+    check_inputs(cfg, model, tokenizer)
+    if model.config.vocab_size < teacher.config.vocab_size:
+        raise GrowlmError(f"the student has {model.config.vocab_size} embeddings, fewer than the teacher's "
+                          f"vocabulary ({teacher.config.vocab_size}): they must share one tokenizer")
+    return Setup(model, tokenizer, data, teacher, record)
+
+
+def calibration_blocks(data: PackedData, n: int, seq_len: int) -> torch.Tensor:
+    """The first `n` training blocks of `seq_len` tokens (fewer if the data is short): pruning's calibration ids."""
+    m = min(n, data.n_blocks("train", seq_len - 1))
+    if seq_len < 2 or m < 1:
+        raise GrowlmError(f"the training data holds no block of {seq_len} tokens for calibration; lower "
+                          "distill.student.calibration_seq_len")
+    return torch.stack([data.block("train", i, seq_len - 1) for i in range(m)])
+
+
+def check_same_tokenizer(student: Any, teacher: Any) -> None:
+    """Teacher and student must read text the same way: one tokenizer (by fingerprint)."""
+    if student is None or teacher is None:
+        return
+    a, b = tokenizer_fingerprint(student), tokenizer_fingerprint(teacher)
+    if a != b:
+        raise GrowlmError(f"the student's tokenizer ({len(student)} ids) differs from the teacher's ({len(teacher)} "
+                          "ids): distillation needs one tokenizer (set model.tokenizer to the teacher's or leave it unset)")
 
 
 def check_inputs(cfg: TrainConfig, model: GPT, tokenizer: Any) -> None:

@@ -10,6 +10,8 @@ Layout of `<run>/checkpoints/step_000120/` (nanochat-style: the checkpoint carri
   tensors-<group>.safetensors            generations, update scales, EWC Fisher and anchor
   teacher.safetensors, teacher_config.json   the pre-growth snapshot used by KD
   manifest.json                          size and SHA-256 of every file above, written last
+A sharded run (run.parallel fsdp, `growlm.train.sharded`) writes DCP's `.metadata` and `__<rank>_0.distcp`
+files in place of model.safetensors and optimizer.pt; the rest is the same.
 A checkpoint is written into a temporary sibling folder and renamed into place (`growlm.io.atomic_dir`),
 so a run killed mid-write leaves the previous checkpoints intact; `latest.json` and `best.json` are
 replaced the same way (`growlm.io.atomic_write`). Only the `keep_last` newest checkpoints and the best
@@ -65,18 +67,30 @@ def save_checkpoint(
     name = f"step_{step:06d}"
     with atomic_dir(ckpt_dir / name) as tmp:  # the same step written again (after a resume) is swapped in
         _save_tensors(model.state_dict(), tmp / "model.safetensors")
-        model.config.save(tmp / "model_config.json")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(capture_torch_rng(), tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        (tmp / "train_config.json").write_text(json.dumps(train_config, indent=1))
-        for group, ts in (tensors or {}).items():
-            if ts:
-                _save_tensors(ts, tmp / f"tensors-{group}.safetensors")
-        if teacher is not None:
-            _save_tensors(teacher.state_dict(), tmp / "teacher.safetensors")
-            teacher.config.save(tmp / "teacher_config.json")
-        (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1))  # last: it vouches for the rest
+        write_run_files(tmp, model.config, state, train_config, tensors, teacher)
+    return finish_checkpoint(ckpt_dir, name, step, keep_last, val_loss)
+
+
+def write_run_files(tmp: Path, config: ModelConfig, state: dict[str, Any], train_config: dict[str, Any],
+                    tensors: dict[str, dict[str, torch.Tensor]] | None, teacher: GPT | None) -> None:
+    """Everything but the weights and optimizer (which single-process and sharded checkpoints write their
+    own ways) into a checkpoint's temporary folder, then the manifest of all its files, last."""
+    config.save(tmp / "model_config.json")
+    torch.save(capture_torch_rng(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    (tmp / "train_config.json").write_text(json.dumps(train_config, indent=1))
+    for group, ts in (tensors or {}).items():
+        if ts:
+            _save_tensors(ts, tmp / f"tensors-{group}.safetensors")
+    if teacher is not None:
+        _save_tensors(teacher.state_dict(), tmp / "teacher.safetensors")
+        teacher.config.save(tmp / "teacher_config.json")
+    (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1))  # last: it vouches for the rest
+
+
+def finish_checkpoint(ckpt_dir: Path, name: str, step: int, keep_last: int, val_loss: float | None) -> Path:
+    """After checkpoint `name` is in place: point latest.json (and best.json) at it, prune older ones."""
     final = ckpt_dir / name
     _write_json(ckpt_dir / "latest.json", {"name": name, "step": step})
     best = read_json(ckpt_dir / "best.json")
@@ -194,7 +208,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> dict[str, Any]:
     Only safetensors and torch.load(weights_only=True) are used: loading runs no pickled code."""
     path = Path(path)
     if not (path / "model.safetensors").exists():
-        raise GrowlmError(f"{path} is not a growlm training checkpoint (no model.safetensors)")
+        what = "a sharded (run.parallel fsdp) checkpoint" if (path / ".metadata").exists() else "not a growlm training checkpoint"
+        raise GrowlmError(f"{path} is {what} (no model.safetensors)")
     out: dict[str, Any] = {
         "model": _load_model(path / "model.safetensors", path / "model_config.json", device),
         "optimizer": torch.load(path / "optimizer.pt", map_location=device, weights_only=True),

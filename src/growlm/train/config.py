@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from growlm.distill.objectives import ObjectiveConfig
+from growlm.distill.prune import StudentSpec
 from growlm.errors import GrowlmError
 from growlm.growth import GrowthSpec
 from growlm.models.config import check_keys
@@ -160,6 +162,48 @@ class RegConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation from a teacher model (growlm distill): where the student comes from, the objective, the targets."""
+
+    teacher: str | None = None
+    """The teacher (a spec as for model.name with init=pretrained: smollm2-135m, a HF/growlm dir, a .gguf);
+    None = no teacher (KD from the pre-growth snapshot is reg.kd_weight)."""
+    student: StudentSpec | None = None
+    """Cut the student from the teacher (layers, n_layer / depth_by, every, n_head, n_kv_head, ffn_size, n_embd,
+    init pruned|random); None = the student is the model section (pretrained or scratch)."""
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """The loss: ce_weight CE + kd_weight logits objective + hidden_weight hidden states + attn_weight attention maps."""
+    targets: Literal["online", "cached"] = "online"
+    """'online' runs the teacher every step; 'cached' reads its top-k log-probabilities from a memory-mapped cache
+    built once per (teacher, data, tokenizer, seq_len, top_k) (logits objectives forward_kl / soft_ce only)."""
+    top_k: int = 64
+    """Cached targets: teacher tokens kept per position (the rest is one merged outcome)."""
+    targets_dtype: Literal["float16", "float32"] = "float16"
+    """Cached targets: storage dtype of the log-probabilities."""
+    targets_dir: str | None = None
+    """Cached targets: folder of the caches; None = $GROWLM_CACHE/targets or ~/.cache/growlm/targets."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.objective, dict):
+            check_keys(ObjectiveConfig, self.objective, "config key(s)", prefix="distill.objective.")
+            self.objective = ObjectiveConfig(**self.objective)
+        if isinstance(self.student, dict):
+            self.student = StudentSpec.from_dict(self.student)
+        if self.top_k < 1:
+            raise GrowlmError(f"distill.top_k must be >= 1, got {self.top_k}")
+        o = self.objective
+        if self.teacher is None and (self.student is not None or self.targets == "cached"):
+            raise GrowlmError("distill.student and distill.targets=cached need a teacher: set distill.teacher")
+        if self.targets == "cached":
+            if o.logits not in ("forward_kl", "soft_ce"):
+                raise GrowlmError(f"distill.targets=cached supports the logits objectives forward_kl and soft_ce, "
+                                  f"not {o.logits}; use distill.targets=online")
+            if o.hidden_weight > 0 or o.attn_weight > 0:
+                raise GrowlmError("hidden-state and attention objectives need the teacher's activations: "
+                                  "use distill.targets=online")
+
+
+@dataclass
 class RunConfig:
     """The loop: batch, length, precision, evaluation, logging, checkpoints."""
 
@@ -210,6 +254,9 @@ class RunConfig:
     """Matmul peak for MFU in FLOP/s; None = measure once and cache, 0 = no MFU."""
     overwrite: bool = False
     """Start afresh in an out_dir that already holds a run (its metrics, checkpoints and hf/ are replaced)."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: 'ddp' (a full copy per process) or 'fsdp' (FSDP2: weights, gradients and AdamW state
+    sharded across processes; DCP checkpoints that resume on another process count)."""
 
     def __post_init__(self) -> None:
         if min(self.max_steps, self.micro_batch, self.grad_accum, self.eval_every, self.log_every, self.keep_last) < 1:
@@ -234,6 +281,18 @@ class TrainConfig:
     growth: GrowthConfig = field(default_factory=GrowthConfig)
     reg: RegConfig = field(default_factory=RegConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def __post_init__(self) -> None:
+        if self.distill.teacher is not None and self.reg.kd_weight > 0:
+            raise GrowlmError("reg.kd_weight (KD from the pre-growth snapshot) and distill.teacher exclude each other: "
+                              "the teacher already anchors the student")
+        o = self.distill.objective
+        if self.distill.teacher is not None and self.growth.trigger != "none" and (o.hidden_weight > 0 or o.attn_weight > 0):
+            raise GrowlmError("growth during distillation supports the logits and CE objectives only (the hidden-state "
+                              "and attention maps are fixed to the student's shape): set hidden_weight and attn_weight to 0")
+        if self.run.parallel == "fsdp" and self.reg.ewc_lambda > 0:
+            raise GrowlmError("reg.ewc_lambda > 0 is not supported with run.parallel fsdp yet; use run.parallel ddp")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -242,7 +301,7 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         """The inverse of `to_dict` (also reads YAML recipes): unknown keys raise, operators become GrowthSpecs."""
         types = {"model": ModelSource, "data": DataConfig, "optim": OptimConfig, "growth": GrowthConfig,
-                 "reg": RegConfig, "run": RunConfig}
+                 "reg": RegConfig, "run": RunConfig, "distill": DistillConfig}
         unknown = set(d) - set(types)
         if unknown:
             raise GrowlmError(f"unknown config section(s): {', '.join(sorted(unknown))}")
@@ -282,8 +341,9 @@ def resume_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'section.key: checkpoint X vs now Y' for every setting that changes the computation."""
     out = []
+    defaults = comparable(TrainConfig().to_dict())  # a section a checkpoint lacks predates it: its defaults applied
     for sec in sorted(set(saved) | set(current)):
-        a, b = saved.get(sec, {}), current.get(sec, {})
+        a, b = saved.get(sec, defaults.get(sec, {})), current.get(sec, {})
         for k in sorted(set(a) | set(b)):
             if (sec, k) in RESUME_MAY_DIFFER or (sec, k) in RESUME_MAY_CHANGE:
                 continue

@@ -194,7 +194,11 @@ class ByteTokenizer:
     def __call__(self, texts: list[str], **_: Any) -> dict[str, list[list[int]]]:
         return {"input_ids": [list(t.encode("utf-8")) for t in texts]}
 
+    def encode(self, text: str, **_: Any) -> list[int]:
+        return list(text.encode("utf-8"))
+
     def decode(self, ids: Iterable[int]) -> str:
+        ids = [ids] if isinstance(ids, int) else ids
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def __len__(self) -> int:

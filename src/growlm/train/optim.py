@@ -54,10 +54,12 @@ Multiplier = float | torch.Tensor | Factored
 
 
 # -- AdamW and its schedule -----------------------------------------------------------------------------
-def build_optimizer(model: GPT, o: OptimConfig) -> torch.optim.AdamW:
-    """Fused AdamW over the trainable parameters: weight decay on >= 2-D tensors, none on norms and biases."""
+def build_optimizer(model: GPT, o: OptimConfig, extra: torch.nn.Module | None = None) -> torch.optim.AdamW:
+    """Fused AdamW over the trainable parameters of `model` (and of `extra`: a distillation objective's
+    projectors): weight decay on >= 2-D tensors, none on norms and biases."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    params = list(model.parameters()) + (list(extra.parameters()) if extra is not None else [])
+    for p in params:
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

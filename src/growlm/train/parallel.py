@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import resource
+from typing import Any, Callable
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from growlm.models.config import ModelConfig
 from growlm.models.model import GPT
@@ -41,12 +43,36 @@ def init_distributed(device: str) -> tuple[int, int]:
 
 
 def wrap(model: GPT, world: int, device: str) -> torch.nn.Module:
-    """The module the loop calls: DDP around `model` when world > 1, else `model` itself."""
-    if world == 1:
+    """The module the loop calls: DDP around `model` when world > 1, else `model` itself (also when FSDP2
+    has sharded it: `growlm.train.sharded`)."""
+    if world == 1 or isinstance(model, FSDPModule):
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None)
+
+
+class Compiled:
+    """`module(*args, **kw)`, through torch.compile when `compile` is true. Compiling happens on the first
+    call (`pending` until then); where it fails, `failed(message)` is told once and the module runs eagerly."""
+
+    def __init__(self, module: torch.nn.Module, compile: bool, failed: Callable[[str], None]) -> None:
+        self.module, self.failed, self.fn, self.pending = module, failed, module, False
+        if compile:
+            torch._dynamo.reset()  # drop the graphs of an earlier (pre-growth) model
+            self.fn, self.pending = torch.compile(module), True
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        if not self.pending:
+            return self.fn(*args, **kw)
+        self.pending = False
+        try:
+            return self.fn(*args, **kw)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: train on, eagerly
+            msg = (str(e).strip().splitlines() or [""])[0][:200]
+            self.failed(f"torch.compile failed ({type(e).__name__}: {msg}); training in eager mode")
+            self.fn = self.module
+            return self.module(*args, **kw)
 
 
 def all_mean(t: torch.Tensor, world: int, device: str) -> torch.Tensor:

@@ -30,16 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from growlm.distill.objectives import logits_loss
+
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
-    """T^2 * KL(teacher || student) on temperature-softened distributions, mean over positions (float32)."""
-    v = teacher_logits.shape[-1]
-    s = student_logits[..., :v].float() / temperature
-    t = teacher_logits.float() / temperature
-    log_p_t = F.log_softmax(t, dim=-1)
-    log_p_s = F.log_softmax(s, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)  # (B, T)
-    return temperature**2 * kl.mean()
+    """T^2 * KL(teacher || student) on temperature-softened distributions, mean over positions (float32,
+    float64 stays): the forward-KL objective of `growlm.distill.objectives`, the one copy of that math."""
+    return logits_loss(student_logits, teacher_logits, "forward_kl", temperature)
 
 
 def _sequence_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,8 @@ class TrainState:
     last_val: float | None = None
     base_val: float | None = None
     retention: dict[str, float] = field(default_factory=dict)
+    teacher: str | None = None
+    """Distillation: the fingerprint of the teacher's weights (the teacher is not saved, its identity is)."""
 
     def to_dict(self, world: int = 1) -> dict[str, Any]:
         """JSON-ready: every plain field, the sampler and plateau state, the host RNG states and `world`."""
@@ -107,6 +109,6 @@ class TrainState:
         for f in dataclasses.fields(cls):
             if f.name in TENSOR_FIELDS:
                 kw[f.name] = unpack(tensors.get(f.name, {}), TENSOR_FIELDS[f.name])
-            elif f.name not in kw:
+            elif f.name not in kw and f.name in d:  # a field a checkpoint lacks keeps its default
                 kw[f.name] = d[f.name]
         return cls(**kw)

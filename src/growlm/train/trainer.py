@@ -20,6 +20,9 @@ Growth during training (operators in `growlm.growth`):
   gradient's scale away, so scaling the gradient would not change the step);
 - regularisers (`growlm.train.regularize`): KD from the frozen pre-growth snapshot and EWC anchored at growth.
 
+Distillation (`growlm distill`, a config with distill.teacher) is the same loop with a teacher and its
+objective (`growlm.train.distillation.Distillation`); the teacher's identity is checked on resume.
+
 Non-finite loss policy: a step whose loss (or gradient norm) is NaN/inf is skipped (no update, its batch
 is consumed, the schedule advances); more than `max_nan_skips` consecutive skips stop the run with a
 GrowlmError. Nothing is saved during a non-finite streak, and since a skipped step leaves the weights as
@@ -30,6 +33,7 @@ at the newest checkpoint before them, which the error names and a resume (with a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import copy
 import json
@@ -47,13 +51,13 @@ import torch.nn.functional as F
 from growlm.errors import GrowlmError
 from growlm.growth import grow, with_vocab_sources
 from growlm.io import check_writable, parse_dtype, remove_stale_temporaries
-from growlm.models.head import chunked_cross_entropy
 from growlm.models.hf import save_hf
 from growlm.models.model import GPT
 from growlm.train import checkpoint as ckpt
-from growlm.train import parallel
+from growlm.train import parallel, sharded
 from growlm.train.build import check_inputs, setup
 from growlm.train.config import TrainConfig, comparable, config_differences, resume_changes
+from growlm.train.distillation import Distillation
 from growlm.train.data import BlockSampler, PackedData, prepare_data, retention_text, stack_blocks, text_blocks
 from growlm.train.flops import executed_flops_per_token
 from growlm.train.optim import (build_optimizer, freeze_zero_update, lr_at, multiplied_step, transfer_adamw_state,
@@ -105,11 +109,13 @@ def resume_point(cfg: TrainConfig, notes: list[str] | None = None) -> Path | Non
         why = f" ({skipped[0]})" if skipped else ""
         raise GrowlmError(f"run.resume is set but {ckpt_dir} holds no usable checkpoint{why}")
     saved, now = ckpt.read_train_config(path), comparable(cfg.to_dict())
+    now, relaid = sharded.relayout(path, saved, now)  # a sharded checkpoint may resume on another process count
     diff = config_differences(saved, now)
     if diff:
         raise GrowlmError(f"cannot resume {path}: config differs ({'; '.join(diff[:3])})")
     if notes is not None:
         notes.extend(skipped)
+        notes.extend(relaid)
         notes.extend(f"resuming {path.name} with {c}" for c in resume_changes(saved, now))
     return path
 
@@ -118,7 +124,8 @@ class Trainer:
     """Runs one TrainConfig on a built model and data; `fit()` trains to max_steps (resuming when asked)."""
 
     def __init__(self, cfg: TrainConfig, model: GPT, data: PackedData, tokenizer: Any = None,
-                 callback: Callback | None = None) -> None:
+                 callback: Callback | None = None, teacher: GPT | None = None,
+                 student_record: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.callback = callback or (lambda kind, rec: None)
         r = cfg.run
@@ -140,8 +147,16 @@ class Trainer:
         n_val = data.n_blocks("val", cfg.data.seq_len)
         self.val_indices = list(range(n_val if cfg.data.val_blocks == 0 else min(n_val, cfg.data.val_blocks)))
         self.state = self._fresh_state()
-        self.teacher: GPT | None = None
+        self.teacher: GPT | None = None  # the pre-growth snapshot of reg.kd_weight (saved in checkpoints)
         self.ewc: EWC | None = None
+        self.distill: Distillation | None = None  # the teacher of a distillation (distill.teacher; never saved)
+        self.student_record = student_record  # how the student was cut from the teacher (metrics: kind=distill)
+        if cfg.distill.teacher is not None:
+            if teacher is None:
+                raise GrowlmError("distill.teacher is set but no teacher model was given")
+            progress = lambda done, n: self.callback("progress", {"task": "targets", "done": done, "total": n})  # noqa: E731
+            self.distill = Distillation(cfg, self.model, teacher, data, self.device, self.dtype, progress)
+            self.state.teacher = self.distill.fingerprint
         tokens = r.micro_batch * cfg.data.seq_len
         prec = choose_autocast(r.autocast, model.config, tokens, self.dtype, self.device)
         self.autocast = prec.autocast  # what run.autocast resolves to here
@@ -159,26 +174,13 @@ class Trainer:
 
     def _wrap(self) -> None:
         """The module the loop calls: DDP around the model (world > 1), compiled where run.compile says so
-        (again after each growth event: a grown model has other shapes)."""
+        (again after each growth event: a grown model has other shapes; never again after a failure)."""
+        def failed(message: str) -> None:
+            self._compile = False
+            self.callback("info", {"message": message})
         self.model.activation_checkpointing = self.cfg.run.activation_checkpointing
         self.ddp = parallel.wrap(self.model, self.world, self.device)
-        self.step_model, self._compile_pending = self.ddp, False
-        if self._compile:
-            torch._dynamo.reset()  # drop the graphs of the model before growth
-            self.step_model, self._compile_pending = torch.compile(self.ddp), True
-
-    def _forward(self, *args: Any, **kw: Any) -> torch.Tensor:
-        """step_model(*args, **kw); on the first call after compiling, a failed compile falls back to eager."""
-        if not self._compile_pending:
-            return self.step_model(*args, **kw)
-        self._compile_pending = False
-        try:
-            return self.step_model(*args, **kw)
-        except Exception as e:  # noqa: BLE001 - any compiler failure: train on, eagerly
-            msg = (str(e).strip().splitlines() or [""])[0][:200]
-            self.callback("info", {"message": f"torch.compile failed ({type(e).__name__}: {msg}); training in eager mode"})
-            self._compile, self.step_model = False, self.ddp
-            return self.ddp(*args, **kw)
+        self.step_model = parallel.Compiled(self.ddp, self._compile, failed)
 
     def _clean_run_folder(self, fresh: bool) -> None:
         """Remove what interrupted writes left (`.step_*.tmp*`, `.hf.tmp*`, ...); on an overwrite, the old run."""
@@ -198,13 +200,16 @@ class Trainer:
     def multipliers(self) -> dict[str, float | torch.Tensor]:
         """Every parameter's update multiplier at the current step (from the config and the state alone)."""
         s = self.state
-        return update_multipliers(self.model, s.generations, s.update_scale, s.generation, self.cfg.growth,
-                                  s.step - s.last_growth_step)
+        m = update_multipliers(self.model, s.generations, s.update_scale, s.generation, self.cfg.growth,
+                               s.step - s.last_growth_step)
+        return sharded.shard_multipliers(self.model, m)  # sharded parameters: placed like them
 
     def _rebuild_optimizer(self) -> None:
-        """Freeze what has a zero update everywhere, then a fresh AdamW over the rest."""
+        """Freeze what has a zero update everywhere, then a fresh AdamW over the rest (and the objective's projectors)."""
         freeze_zero_update(self.model, self.multipliers())
-        self.optimizer = build_optimizer(self.model, self.cfg.optim)
+        self.model = sharded.shard(self.model, self.world, self.device,  # run.parallel fsdp
+                                   dataclasses.replace(self.cfg.run, autocast=self.autocast))
+        self.optimizer = build_optimizer(self.model, self.cfg.optim, self.distill and self.distill.objective)
 
     def _autocast(self):
         if self.autocast == "bf16":
@@ -212,16 +217,15 @@ class Trainer:
         return contextlib.nullcontext()
 
     # -- one step -------------------------------------------------------------------------------------
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, blocks: list[int] | None = None
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.distill is not None:
+            return self.distill.loss(self.ddp, x, y, blocks, self._autocast)
         reg = self.cfg.reg
         kd = self.teacher is not None and reg.kd_weight > 0
-        with self._autocast():
-            if kd:  # the KD term needs the student's logits
-                logits = self.ddp(x)
-            else:  # the loss inside forward (DDP sees the head), run.loss_chunk tokens of logits at a time
-                ce = self._forward(x, targets=y, loss_chunk=self.cfg.run.loss_chunk)
-        if kd:
-            ce = F.cross_entropy(logits.to(_loss_dtype(logits)).reshape(-1, logits.shape[-1]), y.reshape(-1))
+        with self._autocast():  # KD needs the student's logits; else the loss inside forward, loss_chunk at a time
+            logits = self.ddp(x) if kd else self.step_model(x, targets=y, loss_chunk=self.cfg.run.loss_chunk)
+        ce = F.cross_entropy(logits.to(_loss_dtype(logits)).reshape(-1, logits.shape[-1]), y.reshape(-1)) if kd else logits
         loss, parts = ce, {"ce": ce.detach()}
         if kd:
             with torch.no_grad(), self._autocast():
@@ -236,16 +240,7 @@ class Trainer:
         return loss, parts
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step over micro_batch * grad_accum * world sequences. The first step after a compile
-        reports its wall time as compile_s (compiling the forward and backward dominates it)."""
-        if not self._compile_pending:
-            return self._train_step()
-        t = time.perf_counter()
-        rec = self._train_step()
-        rec["compile_s"] = time.perf_counter() - t
-        return rec
-
-    def _train_step(self) -> dict[str, Any]:
+        """One optimizer step over micro_batch * grad_accum * world sequences."""
         r, seq, st = self.cfg.run, self.cfg.data.seq_len, self.state
         lr = lr_at(st.step, self.cfg.optim, r.max_steps)
         for group in self.optimizer.param_groups:
@@ -260,19 +255,23 @@ class Trainer:
             x, y = stack_blocks(self.data, "train", c, seq)
             x, y = x.to(self.device), y.to(self.device)
             sync = self.world == 1 or a == r.grad_accum - 1
-            with contextlib.nullcontext() if sync else self.ddp.no_sync():
-                loss, parts = self._loss(x, y)
+            with contextlib.nullcontext() if sync else sharded.no_sync(self.ddp):
+                loss, parts = self._loss(x, y, c)
                 (loss / r.grad_accum).backward()
             total += loss.detach().double().cpu() / r.grad_accum
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0) + v.double().cpu() / r.grad_accum
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf"))
+        extra = [] if self.distill is None else list(self.distill.objective.parameters())
+        for p in extra:  # the projectors sit outside the DDP/FSDP wrapper: average their gradients here
+            if p.grad is not None and self.world > 1:
+                p.grad = parallel.all_mean(p.grad, self.world, self.device).to(p.grad.device)
+        params = [p for p in [*self.model.parameters(), *extra] if p.requires_grad]
+        gnorm = sharded.clip_grad_norm_(params, self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf"))
         finite = torch.tensor([float(torch.isfinite(total)) * float(torch.isfinite(gnorm.detach().cpu()))], dtype=torch.float64)
         finite = parallel.all_mean(finite, self.world, self.device)
         n_tokens = len(idx) * seq
         st.tokens += n_tokens
-        st.flops += executed_flops_per_token(self.model, seq) * n_tokens
+        st.flops += self._flops_per_token() * n_tokens
         rec: dict[str, Any] = {"lr": lr}
         if float(finite) < 1.0:  # the policy: skip, then stop after max_nan_skips in a row
             self.optimizer.zero_grad(set_to_none=True)
@@ -292,11 +291,18 @@ class Trainer:
         rec["grad_norm"] = float(gnorm)
         return rec
 
+    def _flops_per_token(self) -> float:
+        """Executed training FLOPs per token: the student's step, plus the teacher's forward when it runs online."""
+        seq = self.cfg.data.seq_len
+        f = executed_flops_per_token(self.model, seq)
+        return f + (self.distill.extra_flops_per_token() if self.distill is not None else 0.0)
+
     # -- evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, blocks: torch.Tensor | None = None) -> float:
-        """Mean token cross-entropy on the validation blocks (or on given (n, seq_len + 1) blocks)."""
-        model, mb, seq = self.model, self.cfg.run.micro_batch, self.cfg.data.seq_len
+    def evaluate(self, blocks: torch.Tensor | None = None, model: GPT | None = None) -> float:
+        """Mean token cross-entropy of the model (or `model`: the teacher) on the validation blocks (or on
+        given (n, seq_len + 1) blocks)."""
+        model, mb, seq = model or self.model, self.cfg.run.micro_batch, self.cfg.data.seq_len
         was_training = model.training
         model.eval()
         total, count = 0.0, 0
@@ -307,9 +313,8 @@ class Trainer:
             else:
                 x, y = blocks[s : s + mb, :-1], blocks[s : s + mb, 1:]
             x, y = x.to(self.device), y.to(self.device)
-            with self._autocast():
-                total += float(chunked_cross_entropy(model.hidden(x), model.head_weight, y, self.cfg.run.loss_chunk,
-                                                     reduction="sum"))
+            with self._autocast():  # through forward() (FSDP gathers its shards there), loss_chunk at a time
+                total += float(model(x, targets=y, loss_chunk=self.cfg.run.loss_chunk)) * y.numel()
             count += y.numel()
             self.callback("progress", {"task": "eval", "done": min(s + mb, n), "total": n})
         model.train(was_training)
@@ -334,6 +339,8 @@ class Trainer:
         spec = g.operators[k % len(g.operators)]
         before = self.evaluate() if val_before is None else val_before
         old_model, old_opt = self.model, self.optimizer
+        if sharded.is_sharded(old_model):  # grow the full model and state (every rank alike), shard it again
+            old_model, old_opt = sharded.gather_full(old_model, old_opt, self.cfg.optim)
         if reg.kd_weight > 0:
             self.teacher = copy.deepcopy(old_model).eval().requires_grad_(False)
         n_before = old_model.num_params()
@@ -347,6 +354,7 @@ class Trainer:
         st.last_growth_step = st.step
         self._rebuild_optimizer()
         transfer_adamw_state(old_model, old_opt, res, self.optimizer)
+        sharded.shard_optimizer_state(self.optimizer)
         del old_opt
         self._wrap()
         compute = torch.bfloat16 if self.autocast == "bf16" else self.dtype  # the grown shapes' own peak
@@ -393,14 +401,15 @@ class Trainer:
         dt = max(now - self._t_last, 1e-9)
         tok_s = (self.state.tokens - self._tokens_last) / dt
         self._t_last, self._tokens_last = now, self.state.tokens
-        fpt = executed_flops_per_token(self.model, self.cfg.data.seq_len)
+        fpt = self._flops_per_token()
         rec = {"kind": "train", "step": self.state.step, "tokens": self.state.tokens, "flops": self.state.flops,
                "lr": step_rec.get("lr"), "loss": step_rec.get("loss"),
                "val_loss": val, "val_ppl": math.exp(val) if val is not None and val < 700 else None,
                "tok_s": tok_s, "mfu": (tok_s * fpt / self.peak) if self.peak > 0 else None,
                "params": self.model.num_params(), "trainable_params": self.model.num_params(trainable_only=True),
-               "peak_mem_mb": parallel.peak_memory_mb(self.device), "generation": self.state.generation, "nan_skips": self.state.nan_skips}
-        for k in ("kd", "ewc", "grad_norm", "skipped"):
+               "peak_mem_mb": parallel.peak_memory_mb(self.device), "generation": self.state.generation, "nan_skips": self.state.nan_skips,
+               "elapsed_s": now - self._t_start}  # this segment's wall time so far: the report's time of a killed one
+        for k in ("kd", "hidden", "attn", "ewc", "grad_norm", "skipped"):
             if k in step_rec:
                 rec[k] = step_rec[k]
         if self._compile_s:
@@ -411,7 +420,7 @@ class Trainer:
     def fit(self, stop_after: int | None = None) -> TrainResult:
         """Train to run.max_steps. `stop_after` ends early after that step (simulates a killed run)."""
         r = self.cfg.run
-        t_start = time.perf_counter()
+        t_start = self._t_start = time.perf_counter()  # also the origin of the train lines' elapsed_s
         if self.state.step == 0 and self.rank == 0 and self.metrics_path.exists():
             self.metrics_path.unlink()  # a fresh run (checked in __init__: no checkpoints here)
         self._write_metrics({"kind": "run", "event": "start", "step": self.state.step,
@@ -429,18 +438,21 @@ class Trainer:
                    "trainable_params": self.model.num_params(trainable_only=True)}
             if "base" in self.state.retention:
                 rec["retention_loss"] = self.state.retention["base"]
+            if self.distill is not None:
+                rec["teacher_val_loss"] = self.evaluate(model=self.distill.teacher)
+                self._write_metrics(self.distill.record(self.model, rec["teacher_val_loss"], self.student_record))
             self._write_metrics(rec)
             self.callback("log", rec)
             if self.growth_due(None):
                 self.grow_now(self.state.base_val)
         self._t_last, self._tokens_last = time.perf_counter(), self.state.tokens
         while self.state.step < r.max_steps:
-            tokens_before = self.state.tokens
+            tokens_before, compiling, t0 = self.state.tokens, self.step_model.pending, time.perf_counter()
             step_rec = self.train_step()
             self.state.step += 1
-            if "compile_s" in step_rec:  # neither the compile's time nor its step's tokens count in tok_s
-                self._compile_s += step_rec["compile_s"]
-                self._t_last += step_rec["compile_s"]
+            if compiling:  # the first step after a compile is the compile's time: left out of tok_s, with its tokens
+                dt = time.perf_counter() - t0
+                self._compile_s, self._t_last = self._compile_s + dt, self._t_last + dt
                 self._tokens_last += self.state.tokens - tokens_before
             val = None
             if self.state.step % r.eval_every == 0 or self.state.step == r.max_steps:
@@ -492,12 +504,19 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def save(self, val: float | None = None) -> Path | None:
+        if self.cfg.run.parallel == "fsdp":  # DCP: every rank writes its shards
+            return sharded.save_checkpoint(
+                self.ckpt_dir, self.state.step, self.model, self.optimizer, self.state.to_dict(self.world),
+                comparable(self.cfg.to_dict()), self.rank, self.world, tensors=self.state.tensors(), teacher=self.teacher,
+                keep_last=self.cfg.run.keep_last, val_loss=val)
         if self.rank != 0:
             parallel.barrier(self.world)
             return None
         tensors = self.state.tensors()
         if self.ewc is not None:
             tensors["ewc"] = self.ewc.tensors()
+        if self.distill is not None and len(self.distill.objective.state_dict()):
+            tensors["objective"] = self.distill.objective.state_dict()
         path = ckpt.save_checkpoint(
             self.ckpt_dir, self.state.step, self.model, self.optimizer, self.state.to_dict(self.world),
             comparable(self.cfg.to_dict()), tensors=tensors, teacher=self.teacher, keep_last=self.cfg.run.keep_last,
@@ -508,25 +527,34 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         try:
-            c = ckpt.load_checkpoint(path, device=self.device)
+            c = (sharded.load_checkpoint if sharded.is_sharded_checkpoint(path) else ckpt.load_checkpoint)(path, device=self.device)
         except GrowlmError:
             raise
         except Exception as e:  # noqa: BLE001 - a checkpoint without a manifest (older growlm) read badly
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise GrowlmError(f"cannot read checkpoint {path} ({msg}); move it aside to resume from an older one") from None
         s = c["state"]
-        if s.get("world", 1) != self.world:
+        if s.get("world", 1) != self.world and not c.get("sharded"):  # DCP re-shards
             raise GrowlmError(f"cannot resume {path}: it was written by {s.get('world')} processes, now {self.world}")
         self.model = c["model"].to(device=self.device, dtype=self.dtype)
         fresh = self._fresh_state()
+        teacher = self.state.teacher
         self.state = TrainState.from_dict(s, c["tensors"], fresh.sampler, fresh.plateau)
+        if self.state.teacher != teacher:
+            raise GrowlmError(f"cannot resume {path}: it was distilled from another teacher (weights "
+                              f"{self.state.teacher} vs now {teacher})")
+        if "objective" in c["tensors"] and self.distill is not None:
+            self.distill.objective.load_state_dict(c["tensors"]["objective"])
         ckpt.restore_rng(s, c["rng"])
         if c["teacher"] is not None:
             self.teacher = c["teacher"].to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         if "ewc" in c["tensors"]:
             self.ewc = EWC.from_tensors({k: v.to(self.device) for k, v in c["tensors"]["ewc"].items()}, self.cfg.reg.ewc_lambda)
         self._rebuild_optimizer()
-        self.optimizer.load_state_dict(c["optimizer"])
+        if c.get("sharded"):
+            sharded.load_state(path, self.model, self.optimizer)
+        else:
+            self.optimizer.load_state_dict(c["optimizer"])
         if self.rank == 0:
             note = ckpt.truncate_metrics(self.metrics_path, self.state.step)
             if note:
@@ -549,20 +577,24 @@ def _jsonable(d: Any) -> dict[str, Any]:
 
 
 def train(cfg: TrainConfig, callback: Callback | None = None, model: GPT | None = None, tokenizer: Any = None,
-          data: PackedData | None = None) -> TrainResult:
+          data: PackedData | None = None, teacher: GPT | None = None,
+          student_record: dict[str, Any] | None = None) -> TrainResult:
     """Run a TrainConfig to the end and export the final model (rank 0) as a Hugging Face directory.
-    Builds the model, tokenizer and data from the config unless they are given."""
+    Builds the model, tokenizer, data (and the teacher of a distillation) from the config unless the model is given."""
+    record = student_record
     if model is None:
         resume_point(cfg)  # a config that cannot resume (or a run folder it may not write) fails before loading
         progress = None if callback is None else (lambda d, n: callback("progress", {"task": "tokenise", "done": d, "total": n}))
-        model, tokenizer, data = setup(cfg, progress)
+        built = setup(cfg, progress)
+        model, tokenizer, data, teacher, record = built.model, built.tokenizer, built.data, built.teacher, built.student_record
     elif data is None:
         if tokenizer is None:
             raise GrowlmError("no tokenizer: set model.tokenizer")
         data = prepare_data(cfg.data, tokenizer)
-    trainer = Trainer(cfg, model, data, tokenizer, callback)
+    trainer = Trainer(cfg, model, data, tokenizer, callback, teacher, record)
     result = trainer.fit()
+    full = sharded.full_model(trainer.model) if cfg.run.export_hf else None  # collective when sharded
     if cfg.run.export_hf and trainer.rank == 0:
         tok = trainer.tokenizer if hasattr(trainer.tokenizer, "save_pretrained") else None
-        save_hf(trainer.model, Path(cfg.run.out_dir) / "hf", tok)
+        save_hf(full, Path(cfg.run.out_dir) / "hf", tok)
     return result

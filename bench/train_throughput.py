@@ -10,10 +10,14 @@ Method (a shared 2-core CPU where timings drift by +-15% or more):
 - one spawned worker process per side for the whole run; for each (config, dtype) the sides are built and
   warmed up one at a time, then the parent asks them for one timed step each, round after round, rotating
   who goes first (A B C, B C A, ...), so that load from other users hits all sides alike;
-- speed-up = the median over rounds of the per-round ratio t_transformers / t_side;
+- speed-up = the median over rounds of the per-round ratio t_transformers / t_side, with a 95% bootstrap
+  interval over the paired rounds;
 - tokens/s = batch * seq_len / median step time; MFU = FLOPs/token (growlm.train.flops: 6 N_matmul + 12 L T d_attn,
-  Kaplan et al. 2020, PaLM appendix B) * tokens/s / the matmul peak of the same dtype (n=2048 matmuls, best
-  of 5, growlm.train.flops.measure_matmul_peak, measured at the start and at the end of the run, the higher kept);
+  Kaplan et al. 2020, PaLM appendix B) * tokens/s / the matmul rate on the config's own shapes in the same dtype
+  (growlm.train.precision, measured at the start and at the end of the run, the higher kept); a dtype more than
+  3x slower than float32 there is skipped with a note (bf16 is probed on small shapes first, so an AVX2-only
+  CPU does not spend minutes on it);
+- growlm's sides use growlm's default loss path (the chunked head + cross-entropy, --loss-chunk);
 - peak memory = the worker's VmHWM (Linux peak resident set) during the timed steps minus its VmRSS at the
   start of the case (after gc + malloc_trim): weights + gradients + AdamW state + activations + allocator
   slack. VmHWM is reset (/proc/self/clear_refs) at the start of the case and after warm-up, so compilation
@@ -24,7 +28,7 @@ Method (a shared 2-core CPU where timings drift by +-15% or more):
 Run: python bench/train_throughput.py              (all configs: 4 min measured with --threads 1 on a quiet
                                                    machine, 6-10 min when it is busy or inductor's cache is cold)
      python bench/train_throughput.py --threads 1  (on a machine shared with other jobs, see bench/README.md)
-     python bench/train_throughput.py --quick      (smoke run, under a minute)
+     python bench/train_throughput.py --quick      (smoke run, ~25 s)
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import random
 import statistics
+import tempfile
 import sys
 import time
 from dataclasses import dataclass
@@ -45,11 +51,15 @@ from typing import Any
 import torch
 
 from growlm.models.config import ModelConfig
+from growlm.train.config import RunConfig
+from growlm.train.precision import SLOW_FACTOR, cpu_info, measure, model_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "bench" / "results" / "train_throughput.json"
 SIDES = ("growlm", "transformers", "growlm+compile")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
+LOSS_CHUNK = RunConfig.loss_chunk  # growlm's default: run.loss_chunk
 ADAMW = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
 
 
@@ -152,7 +162,7 @@ def _prime(side: str) -> None:
     for preset in ("tiny-gpt2", "tiny-llama"):
         for dtype in DTYPES:
             spec = dict(model=ModelConfig.from_preset(preset).to_dict(), batch=2, seq_len=8, dtype=dtype, warmup=1,
-                        seed=0, device="cpu", adamw=ADAMW["fused"], compile=False)
+                        seed=0, device="cpu", adamw=ADAMW["fused"], compile=False, loss_chunk=LOSS_CHUNK)
             _run_worker_case(_NoParent(), side, spec)
     _trim_heap()
 
@@ -187,10 +197,12 @@ def _run_worker_case(conn, side: str, spec: dict[str, Any]) -> None:
             return model(input_ids=x, use_cache=False).logits
     else:
         attn_impl = "sdpa"
-        forward = model
+        forward = None
     model.to(device).train()
 
     def loss_fn(x, y):
+        if forward is None:  # growlm: its default loss path, the chunked head + cross-entropy inside forward
+            return model(x, targets=y, loss_chunk=spec["loss_chunk"])
         logits = forward(x)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
 
@@ -294,17 +306,24 @@ class Workers:
 
 
 def run_case(workers: Workers, sides: list[str], case: Case, dtype: str, steps: int, warmup: int, device: str,
-             adamw: dict) -> dict:
+             adamw: dict, loss_chunk: int = 0) -> dict:
     """All sides of one (config, dtype), interleaved step by step; returns the raw per-side measurements."""
     what = f"{case.name}/{dtype}/"
     spec = dict(model=case.model.to_dict(), batch=case.batch, seq_len=case.seq_len, dtype=dtype, warmup=warmup,
-                seed=0, device=device, adamw=adamw)
+                seed=0, device=device, adamw=adamw, loss_chunk=loss_chunk)
     # built and warmed up one side at a time, so a compile does not slow another side's warm-up
     info = {side: workers.ask(side, spec, what) for side in sides}
     for r in range(steps):
         for side in sides[r % len(sides):] + sides[: r % len(sides)]:  # rotate who goes first
             workers.ask(side, "step", what)
     return {side: {**info[side], **workers.ask(side, "end", what)} for side in sides}
+
+
+def bootstrap_ci(ratios: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the median of the paired ratios, resampling rounds with replacement."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(n))
+    return meds[int(0.025 * n)], meds[int(0.975 * n) - 1]
 
 
 def summarise(case: Case, dtype: str, raw: dict, peak: float) -> dict:
@@ -340,14 +359,24 @@ def summarise(case: Case, dtype: str, raw: dict, peak: float) -> dict:
             row["step0_loss_diff_vs_transformers"] = abs(r["losses"][0] - ref["losses"][0])
         if ref is not None:
             # paired per-round ratios: both sides' step r ran back to back, under the same background load
-            row["speedup_vs_transformers"] = statistics.median(
-                a / b for a, b in zip(ref["step_s"], r["step_s"])
-            )
+            ratios = [a / b for a, b in zip(ref["step_s"], r["step_s"])]
+            row["speedup_vs_transformers"] = statistics.median(ratios)
+            row["speedup_ci95"] = list(bootstrap_ci(ratios))
+            if ref.get("peak_mem_mb") and r.get("peak_mem_mb") is not None:
+                row["peak_mem_vs_transformers"] = r["peak_mem_mb"] / ref["peak_mem_mb"]
         rows[side] = row
     return {
         "config": case.name, "dtype": dtype, "batch": case.batch, "seq_len": case.seq_len,
         "flops_per_token": fpt, "model": case.model.to_dict(), "sides": rows,
     }
+
+
+def _speed_cell(r: dict, side: str) -> str:
+    speed = r.get("speedup_vs_transformers")
+    if speed is None or side == "transformers":
+        return "-"
+    lo, hi = r.get("speedup_ci95", (speed, speed))
+    return f"{speed:.2f}x [{lo:.2f}, {hi:.2f}]"
 
 
 def print_table(results: list[dict], peaks: dict[str, float]) -> None:
@@ -359,27 +388,26 @@ def print_table(results: list[dict], peaks: dict[str, float]) -> None:
         t.add_column(col, justify="left" if col in ("config", "dtype", "side") else "right")
     for res in results:
         for side, r in res["sides"].items():
-            speed = r.get("speedup_vs_transformers")
             t.add_row(
                 res["config"], res["dtype"], side, f"{r['tokens_per_s']:,.0f}", f"{1e3 * r['step_s_median']:,.0f}",
-                "-" if speed is None or side == "transformers" else f"{speed:.2f}x", f"{100 * r['mfu']:.1f}%",
+                _speed_cell(r, side), f"{100 * r['mfu']:.1f}%",
                 "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:,.0f}", f"{r['step0_loss']:.5f}",
             )
     c = Console(width=max(Console().width, 120))
     c.print(t)
-    c.print("matmul peak (n=2048, best of 5, at start and end): " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()))
+    c.print("matmul peak on each config's shapes (growlm.train.precision, at start and end, the higher kept): "
+            + "; ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()))
 
 
 def markdown_table(results: list[dict]) -> str:
     """The same table in Markdown, for bench/README.md."""
-    lines = ["| config | dtype | side | tok/s | step ms | x transformers | MFU | peak MB |",
+    lines = ["| config | dtype | side | tok/s | step ms | x transformers [95% CI] | MFU | peak MB |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for res in results:
         for side, r in res["sides"].items():
-            speed = r.get("speedup_vs_transformers")
             cells = [
                 res["config"], res["dtype"], side, f"{r['tokens_per_s']:,.0f}", f"{1e3 * r['step_s_median']:,.0f}",
-                "-" if speed is None or side == "transformers" else f"{speed:.2f}x", f"{100 * r['mfu']:.1f}%",
+                _speed_cell(r, side), f"{100 * r['mfu']:.1f}%",
                 "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:,.0f}",
             ]
             lines.append("| " + " | ".join(cells) + " |")
@@ -398,6 +426,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="also compile smollm2-135m (a cold inductor compile takes ~3 min on 2 busy cores)")
     ap.add_argument("--adamw", choices=tuple(ADAMW), default="fused",
                     help="AdamW implementation on every side (fused: transformers' Trainer default for torch >= 2.8)")
+    ap.add_argument("--loss-chunk", type=int, default=LOSS_CHUNK,
+                    help=f"growlm sides' run.loss_chunk (default {LOSS_CHUNK}, growlm's default; 0 = full logits)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads in every worker and for the matmul peak (default: torch's default)")
     ap.add_argument("--device", default="cpu", help="cpu (measured) or cuda (supported, not yet measured)")
@@ -431,37 +461,59 @@ def main(argv: list[str] | None = None) -> int:
         if s not in SIDES:
             sys.exit(f"unknown side {s!r}; choose from {', '.join(SIDES)}")
 
-    from growlm.train.flops import measure_matmul_peak
-
     # --quick: tiny shapes gain nothing from threads, and on a busy machine extra threads only add stalls
     threads = args.threads or (1 if args.quick else torch.get_num_threads())
     torch.set_num_threads(threads)
     start, load0 = time.time(), _loadavg()
-    peaks = {d: measure_matmul_peak(DTYPES[d], args.device, n=2048, repeats=5) for d in dtypes}
+    fresh = Path(tempfile.mkdtemp()) / "precision.json"  # measured in this run, not read from growlm's cache
+
+    def peak_of(case: Case) -> dict[str, dict]:
+        """float32 and bf16 matmul rates on the case's own shapes; bf16 is probed first and only measured in
+        full where it is within SLOW_FACTOR of float32 (an AVX2-only CPU runs bf16 at ~0.02x)."""
+        shapes = model_shapes(case.model, case.batch * case.seq_len)
+        return measure(shapes, tuple(dict.fromkeys(("float32", *(DTYPE_NAMES[d] for d in dtypes)))), args.device, fresh)
+
     adamw = ADAMW[args.adamw]
-    results = []
+    results, skipped, peaks = [], [], {}
     workers = Workers(sides, threads)
     try:
         for n in names:
             case = all_cases[n]
+            rates = peak_of(case)
             for d in dtypes:
+                ratio = rates[DTYPE_NAMES[d]]["flops"] / rates["float32"]["flops"]
+                peaks[f"{n}/{d}"] = rates[DTYPE_NAMES[d]]["flops"]
+                if ratio < 1 / SLOW_FACTOR:
+                    note = (f"{n} {d}: skipped, its matmuls run at {ratio:.2f}x float32 here "
+                            f"({'probe' if rates[DTYPE_NAMES[d]].get('estimated') else 'measured'})")
+                    skipped.append(note)
+                    print(note, file=sys.stderr, flush=True)
+                    continue
                 case_sides = [s for s in sides if s != "growlm+compile" or n != "smollm2-135m" or args.compile_large]
                 t, load = time.time(), _loadavg()
                 raw = run_case(workers, case_sides, case, d, args.steps or case.steps, args.warmup or case.warmup,
-                               args.device, adamw)
+                               args.device, adamw, args.loss_chunk)
                 print(f"{n} {d}: " + ", ".join(f"{s} {statistics.median(r['step_s']) * 1e3:,.0f} ms/step"
                       for s, r in raw.items()) + f" ({time.time() - t:.0f} s)", file=sys.stderr, flush=True)
-                results.append({**summarise(case, d, raw, peaks[d]), "loadavg_1min_at_start": load and load[0]})
+                results.append({**summarise(case, d, raw, peaks[f"{n}/{d}"]), "loadavg_1min_at_start": load and load[0],
+                                "bf16_vs_fp32_matmul": ratio if d == "bf16" else None})
     finally:
         workers.close()
-    # the peak again at the end: the machine is shared, keep the better (less disturbed) measurement
-    for d in dtypes:
-        peaks[d] = max(peaks[d], measure_matmul_peak(DTYPES[d], args.device, n=2048, repeats=5))
-        for res in results:
-            if res["dtype"] == d:
-                for r in res["sides"].values():
-                    r["mfu"] = res["flops_per_token"] * r["tokens_per_s"] / peaks[d]
+    # the peaks again at the end: the machine is shared, keep the better (less disturbed) measurement
+    fresh.unlink(missing_ok=True)
+    for res in results:
+        again = peak_of(all_cases[res["config"]])[DTYPE_NAMES[res["dtype"]]]["flops"]
+        key = f"{res['config']}/{res['dtype']}"
+        peaks[key] = max(peaks[key], again)
+        for r in res["sides"].values():
+            r["mfu"] = res["flops_per_token"] * r["tokens_per_s"] / peaks[key]
     print_table(results, peaks)
+    cpu = cpu_info()
+    machine = (f"{cpu['cpu']} ({'/'.join(cpu['flags']) or 'no AVX2'}), {threads} threads, load average "
+               f"{load0 and load0[0]:.1f} -> {_loadavg()[0]:.1f}, {time.time() - start:.0f} s")
+    print(machine)
+    for note in skipped:
+        print(note)
 
     import transformers
 
@@ -471,7 +523,9 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.time() - start,
         "conditions": {
             "device": args.device,
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu["cpu"],
+            "instruction_sets": cpu["flags"],
+            "machine_line": machine,
             "cpu_count": os.cpu_count(),
             "torch_threads": threads,
             "loadavg_start": load0,
@@ -487,13 +541,17 @@ def main(argv: list[str] | None = None) -> int:
             "bf16": "torch.autocast(bfloat16) with float32 weights and optimizer state",
             "compile": "torch.compile (inductor) of model forward + loss; backward via AOTAutograd; optimizer eager",
             "transformers_dropout": "set to 0 (growlm has none)",
-            "speedup": "median over rounds of t_transformers / t_side, sides interleaved with rotating order",
-            "mfu": "flops_per_token (growlm.train.flops: 6*N_matmul + 12*L*T*d_attn) * tokens/s / measured matmul peak "
-                   "of the same dtype and threads (best of the start and end measurements)",
+            "speedup": "median over rounds of t_transformers / t_side, sides interleaved with rotating order; "
+                       "speedup_ci95: 95% bootstrap interval of that median over the paired rounds",
+            "growlm_loss": f"GPT.forward(targets=..., loss_chunk={args.loss_chunk}) (growlm.models.head; 0 = full logits)",
+            "skip": f"a dtype whose matmuls on the config's shapes run more than {SLOW_FACTOR:g}x slower than float32",
+            "mfu": "flops_per_token (growlm.train.flops: 6*N_matmul + 12*L*T*d_attn) * tokens/s / the matmul rate on "
+                   "the config's own shapes in the same dtype and threads (growlm.train.precision; best of start and end)",
             "peak_mem_mb": "VmHWM over the timed steps (reset after warm-up) minus VmRSS at the start of the case "
                            "(after gc + malloc_trim); setup_peak_mem_mb: the same over build + warm-up (+ compile)",
         },
         "matmul_peak_flops": peaks,
+        "skipped": skipped,
         "results": results,
     }
     out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)

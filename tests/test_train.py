@@ -333,8 +333,8 @@ def test_nan_step_is_skipped_and_persistent_nan_stops_without_saving(tmp_path):
     real = t._loss
     nan_steps = {2}  # 0-based step index: the third step (logged as step 3)
 
-    def flaky(x, y):
-        loss, parts = real(x, y)
+    def flaky(x, y, *rest):
+        loss, parts = real(x, y, *rest)
         return (loss * float("nan"), parts) if t.state.step in nan_steps else (loss, parts)
 
     t._loss = flaky

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,8 +19,9 @@ from growlm.cli.progress import ProgressDisplay, make_console
 from growlm.errors import GrowlmError
 from growlm.eval import SUITES, evaluate, evaluate_suite, suite_tasks
 from growlm.eval.tasks import TASKS
-from growlm.io import atomic_write, check_output, parse_dtype
+from growlm.io import atomic_write, check_output
 from growlm.models.hf import load_model
+from growlm.train.precision import choose_autocast
 
 METRIC_ORDER = ("acc", "acc_norm", "strict-match", "flexible-extract", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte",
                 "token_perplexity")
@@ -42,7 +44,7 @@ def eval(  # noqa: A001 - the subcommand is called `eval`
     limit: int | None = None,
     num_fewshot: int = 0,
     batch_size: int = 16,
-    dtype: str = "float32",
+    dtype: str = "auto",
     seed: int = 1234,
     out: str | None = None,
     suite: str | None = None,
@@ -65,13 +67,15 @@ def eval(  # noqa: A001 - the subcommand is called `eval`
         num_fewshot: examples prepended to each prompt: drawn (seeded) from the task's own file; MMLU takes the
             first rows of each subject's dev file, GSM8K samples its train file. Ignored with --suite.
         batch_size: sequences per forward pass.
-        dtype: float32, or bfloat16 (autocast; log-softmax stays float32).
+        dtype: float32, bfloat16 (autocast; log-softmax stays float32), or auto: bfloat16 only where its matmuls
+            on this model's shapes are measured faster here (once per machine and thread count, cached).
         seed: few-shot sampling seed (the harness's default is 1234).
         out: JSON file for results and per-document scores; default: print only.
         suite: 'leaderboard': each task with the leaderboard's few-shot count; --tasks (if given) a subset.
         overwrite: replace an existing --out file (without it an existing one is refused before scoring).
     """
-    parse_dtype(dtype, ("float32", "bfloat16"))  # the compute dtype: weights stay float32
+    if dtype not in ("auto", "float32", "bfloat16"):  # the compute dtype: weights stay float32
+        raise GrowlmError(f"dtype must be one of auto, float32, bfloat16, got {dtype!r}")
     if not Path(data_dir).expanduser().exists():
         raise GrowlmError(f"{data_dir}: no such data directory (pass --data_dir with the task files)")
     if batch_size < 1:
@@ -85,6 +89,13 @@ def eval(  # noqa: A001 - the subcommand is called `eval`
     if tok is None:
         raise GrowlmError(f"{model}: has no tokenizer; save one beside the weights")
     t_load = time.time() - t0
+    if dtype != "float32":  # the precision choice of training (growlm.train.precision), on eval-sized batches
+        tokens = batch_size * min(m.config.block_size, 512)
+        prec = choose_autocast("auto" if dtype == "auto" else "bf16", m.config, tokens, torch.float32,
+                               str(next(m.parameters()).device))
+        if prec.warning:
+            print(f"warning: {prec.warning.replace('run.autocast=bf16', '--dtype bfloat16')}", file=sys.stderr)
+        dtype = "bfloat16" if prec.autocast == "bf16" else "float32"
     console = make_console()
     t0 = time.time()
     with ProgressDisplay(console) as display:

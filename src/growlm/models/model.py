@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from growlm.models.config import ModelConfig
+from growlm.models.head import chunked_cross_entropy
 
 
 class LayerNorm(nn.Module):
@@ -214,6 +216,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.activation_checkpointing = False  # recompute each block in the backward (training only)
         self.reset_parameters()
 
     @classmethod
@@ -254,12 +257,19 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
         attention_layers: Sequence[int] = (),
+        targets: torch.Tensor | None = None,
+        loss_chunk: int = 0,
     ) -> torch.Tensor | ModelOutput:
         """Logits (B, T, vocab) for token ids (B, T); a ModelOutput when hidden states or attentions are asked for.
 
         `pos`, `mask` and `cache` mean what they mean in `hidden`. attention_layers: block indices whose
         attention probabilities are returned in ModelOutput.attentions; only those blocks leave SDPA.
+        With `targets` (B, T) (-100 = ignored): the mean cross-entropy instead, `loss_chunk` tokens at a time
+        (growlm.models.head; 0 = all logits at once).
         """
+        if targets is not None:  # inside forward(), so that a DDP wrapper sees the head's use
+            h = self._trunk(idx, pos, mask, cache, None)
+            return chunked_cross_entropy(h, self.head_weight, targets, loss_chunk)
         bad = [i for i in attention_layers if not 0 <= i < self.config.n_layer]
         if bad:
             raise ValueError(f"attention layer {bad[0]} is out of range 0..{self.config.n_layer - 1}")
@@ -315,8 +325,13 @@ class GPT(nn.Module):
             rope = (cos, sin) if pos.dim() == 1 else (cos[:, None], sin[:, None])  # broadcast over heads
         if states is not None:
             states.append(x)
+        ckpt = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, mask, causal, cache, i, attns if i in attn_layers else None)
+            attn = attns if i in attn_layers else None
+            if ckpt and attn is None:  # keep the block's input only; its activations are recomputed in the backward
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, causal, cache, i, None, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, causal, cache, i, attn)
             if states is not None:
                 states.append(x)
         return self.norm_f(x)

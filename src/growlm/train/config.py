@@ -215,8 +215,10 @@ class RunConfig:
     """Micro-batches accumulated per optimizer step (per process)."""
     dtype: Literal["float32", "float64"] = "float32"
     """Dtype of the weights and optimizer state."""
-    autocast: Literal["none", "bf16"] = "none"
-    """Mixed precision: bf16 autocast for matmuls, float32 weights and loss."""
+    autocast: Literal["auto", "none", "bf16"] = "auto"
+    """Mixed precision: 'bf16' = bf16 autocast for matmuls, float32 weights and loss; 'none' = the weights' dtype;
+    'auto' = bf16 only where its matmuls on this model's shapes are measured faster than float32 (once per
+    machine and thread count, cached; growlm.train.precision)."""
     device: str = "auto"
     """'auto' (cuda when available), 'cpu' or 'cuda'."""
     eval_every: int = 50
@@ -239,6 +241,15 @@ class RunConfig:
     """Write the final model as a Hugging Face directory out_dir/hf."""
     retention_blocks: int = 0
     """Blocks of held-out non-Shakespeare text (Python's language reference) scored at start and end (0 = off)."""
+    loss_chunk: int = 1024
+    """Tokens per chunk of the output head + cross-entropy: the (tokens, vocab) logits and their gradient are
+    never built for more than this many tokens at once (0 = all at once). Same loss and gradients."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile the model and loss inside the loop (recompiled after each growth event; the compile time is
+    logged as compile_s and left out of tok_s; eager with one warning where compiling fails). auto = on CUDA only:
+    on CPU a cold compile costs minutes, more than a short run gains (bench/README.md)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward instead of keeping them (less memory, ~1/3 more compute)."""
     peak_flops: float | None = None
     """Matmul peak for MFU in FLOP/s; None = measure once and cache, 0 = no MFU."""
     overwrite: bool = False
@@ -250,10 +261,12 @@ class RunConfig:
     def __post_init__(self) -> None:
         if min(self.max_steps, self.micro_batch, self.grad_accum, self.eval_every, self.log_every, self.keep_last) < 1:
             raise GrowlmError("run: max_steps, micro_batch, grad_accum, eval_every, log_every and keep_last must be >= 1")
-        if min(self.save_every, self.max_nan_skips, self.retention_blocks) < 0:
-            raise GrowlmError("run: save_every, max_nan_skips and retention_blocks must be >= 0")
+        if min(self.save_every, self.max_nan_skips, self.retention_blocks, self.loss_chunk) < 0:
+            raise GrowlmError("run: save_every, max_nan_skips, retention_blocks and loss_chunk must be >= 0")
         if self.peak_flops is not None and not (self.peak_flops >= 0 and math.isfinite(self.peak_flops)):
             raise GrowlmError(f"run.peak_flops must be >= 0, got {self.peak_flops}")
+        if self.compile not in (True, False, "auto"):
+            raise GrowlmError(f"run.compile must be true, false or auto, got {self.compile!r}")
         if self.resume and self.overwrite:
             raise GrowlmError("run.resume and run.overwrite exclude each other: continue the run or replace it")
 
@@ -306,7 +319,8 @@ class TrainConfig:
 
 # Fields that may differ when resuming without a word (they do not change the computation).
 RESUME_MAY_DIFFER = {("run", "resume"), ("run", "peak_flops"), ("run", "export_hf"), ("run", "overwrite"),
-                     ("run", "keep_last"), ("data", "cache_dir"), ("run", "device")}
+                     ("run", "keep_last"), ("data", "cache_dir"), ("run", "device"),
+                     ("run", "loss_chunk"), ("run", "compile"), ("run", "activation_checkpointing")}
 # Fields that may change on resume, each reported in one line: the run's location (folders move), the learning
 # rate and schedule length (the way out of a diverged run), and the eval / save / log cadence.
 RESUME_MAY_CHANGE = {("run", "out_dir"), ("optim", "lr"), ("optim", "min_lr"), ("run", "max_steps"),

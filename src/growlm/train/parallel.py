@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import resource
+from typing import Any, Callable
 
 import torch
 from torch.distributed.fsdp import FSDPModule
 
+from growlm.models.config import ModelConfig
 from growlm.models.model import GPT
 from growlm.train.config import RunConfig
-from growlm.train.flops import matmul_peak
+from growlm.train.precision import model_peak
 
 
 def resolve_device(device: str) -> str:
@@ -50,6 +52,29 @@ def wrap(model: GPT, world: int, device: str) -> torch.nn.Module:
     return DDP(model, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None)
 
 
+class Compiled:
+    """`module(*args, **kw)`, through torch.compile when `compile` is true. Compiling happens on the first
+    call (`pending` until then); where it fails, `failed(message)` is told once and the module runs eagerly."""
+
+    def __init__(self, module: torch.nn.Module, compile: bool, failed: Callable[[str], None]) -> None:
+        self.module, self.failed, self.fn, self.pending = module, failed, module, False
+        if compile:
+            torch._dynamo.reset()  # drop the graphs of an earlier (pre-growth) model
+            self.fn, self.pending = torch.compile(module), True
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        if not self.pending:
+            return self.fn(*args, **kw)
+        self.pending = False
+        try:
+            return self.fn(*args, **kw)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: train on, eagerly
+            msg = (str(e).strip().splitlines() or [""])[0][:200]
+            self.failed(f"torch.compile failed ({type(e).__name__}: {msg}); training in eager mode")
+            self.fn = self.module
+            return self.module(*args, **kw)
+
+
 def all_mean(t: torch.Tensor, world: int, device: str) -> torch.Tensor:
     """The mean of a (CPU) tensor over all ranks."""
     if world > 1:
@@ -70,11 +95,16 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def peak_flops(run: RunConfig, dtype: torch.dtype, device: str) -> float:
-    """The matmul peak MFU is measured against: run.peak_flops, else measured once per machine and cached."""
+def peak_flops(run: RunConfig, dtype: torch.dtype, device: str, cfg: ModelConfig, tokens: int) -> tuple[float, str]:
+    """(The matmul peak MFU is measured against, where it comes from): run.peak_flops, else $GROWLM_MATMUL_PEAK,
+    else the rate of the model's own matmul shapes (`tokens` rows) in `dtype` (the compute dtype: bfloat16
+    under autocast) at the current thread count, measured once and cached (growlm.train.precision)."""
     if run.peak_flops is not None:
-        return float(run.peak_flops)
-    return matmul_peak(torch.bfloat16 if run.autocast == "bf16" else dtype, device)
+        return float(run.peak_flops), "run.peak_flops"
+    env = os.environ.get("GROWLM_MATMUL_PEAK")
+    if env:
+        return float(env), "$GROWLM_MATMUL_PEAK"
+    return model_peak(cfg, tokens, dtype, device)
 
 
 def machine_info(device: str, world: int) -> dict[str, object]:

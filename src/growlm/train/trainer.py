@@ -33,6 +33,7 @@ at the newest checkpoint before them, which the error names and a resume (with a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import copy
 import json
@@ -61,6 +62,7 @@ from growlm.train.data import BlockSampler, PackedData, prepare_data, retention_
 from growlm.train.flops import executed_flops_per_token
 from growlm.train.optim import (build_optimizer, freeze_zero_update, lr_at, multiplied_step, transfer_adamw_state,
                                 update_multipliers)
+from growlm.train.precision import choose_autocast
 from growlm.train.regularize import EWC, build_ewc, kd_loss
 from growlm.train.state import PlateauTrigger, TrainState
 
@@ -155,12 +157,30 @@ class Trainer:
             progress = lambda done, n: self.callback("progress", {"task": "targets", "done": done, "total": n})  # noqa: E731
             self.distill = Distillation(cfg, self.model, teacher, data, self.device, self.dtype, progress)
             self.state.teacher = self.distill.fingerprint
-        self.peak = parallel.peak_flops(r, self.dtype, self.device)
+        tokens = r.micro_batch * cfg.data.seq_len
+        prec = choose_autocast(r.autocast, model.config, tokens, self.dtype, self.device)
+        self.autocast = prec.autocast  # what run.autocast resolves to here
+        if prec.warning:
+            self.callback("info", {"message": prec.warning})
+        compute = torch.bfloat16 if self.autocast == "bf16" else self.dtype
+        self.peak, self.peak_source = parallel.peak_flops(r, compute, self.device, model.config, tokens)
         self._t_last, self._tokens_last = time.perf_counter(), 0
         self._rebuild_optimizer()
         if resume_from is not None:
             self._load(resume_from)
+        self._compile = r.compile is True or (r.compile == "auto" and self.device.startswith("cuda"))
+        self._compile_s = 0.0  # compile time not yet logged
+        self._wrap()
+
+    def _wrap(self) -> None:
+        """The module the loop calls: DDP around the model (world > 1), compiled where run.compile says so
+        (again after each growth event: a grown model has other shapes; never again after a failure)."""
+        def failed(message: str) -> None:
+            self._compile = False
+            self.callback("info", {"message": message})
+        self.model.activation_checkpointing = self.cfg.run.activation_checkpointing
         self.ddp = parallel.wrap(self.model, self.world, self.device)
+        self.step_model = parallel.Compiled(self.ddp, self._compile, failed)
 
     def _clean_run_folder(self, fresh: bool) -> None:
         """Remove what interrupted writes left (`.step_*.tmp*`, `.hf.tmp*`, ...); on an overwrite, the old run."""
@@ -187,11 +207,12 @@ class Trainer:
     def _rebuild_optimizer(self) -> None:
         """Freeze what has a zero update everywhere, then a fresh AdamW over the rest (and the objective's projectors)."""
         freeze_zero_update(self.model, self.multipliers())
-        self.model = sharded.shard(self.model, self.world, self.device, self.cfg.run)  # run.parallel fsdp
+        self.model = sharded.shard(self.model, self.world, self.device,  # run.parallel fsdp
+                                   dataclasses.replace(self.cfg.run, autocast=self.autocast))
         self.optimizer = build_optimizer(self.model, self.cfg.optim, self.distill and self.distill.objective)
 
     def _autocast(self):
-        if self.cfg.run.autocast == "bf16":
+        if self.autocast == "bf16":
             return torch.autocast(device_type="cuda" if self.device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -200,12 +221,13 @@ class Trainer:
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.distill is not None:
             return self.distill.loss(self.ddp, x, y, blocks, self._autocast)
-        with self._autocast():
-            logits = self.ddp(x)
-        ce = F.cross_entropy(logits.to(_loss_dtype(logits)).reshape(-1, logits.shape[-1]), y.reshape(-1))
-        loss, parts = ce, {"ce": ce.detach()}
         reg = self.cfg.reg
-        if self.teacher is not None and reg.kd_weight > 0:
+        kd = self.teacher is not None and reg.kd_weight > 0
+        with self._autocast():  # KD needs the student's logits; else the loss inside forward, loss_chunk at a time
+            logits = self.ddp(x) if kd else self.step_model(x, targets=y, loss_chunk=self.cfg.run.loss_chunk)
+        ce = F.cross_entropy(logits.to(_loss_dtype(logits)).reshape(-1, logits.shape[-1]), y.reshape(-1)) if kd else logits
+        loss, parts = ce, {"ce": ce.detach()}
+        if kd:
             with torch.no_grad(), self._autocast():
                 t = self.teacher(x)
             kd = kd_loss(logits, t, reg.kd_temperature)
@@ -291,9 +313,8 @@ class Trainer:
             else:
                 x, y = blocks[s : s + mb, :-1], blocks[s : s + mb, 1:]
             x, y = x.to(self.device), y.to(self.device)
-            with self._autocast():
-                logits = model(x)
-            total += float(F.cross_entropy(logits.to(_loss_dtype(logits)).reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
+            with self._autocast():  # through forward() (FSDP gathers its shards there), loss_chunk at a time
+                total += float(model(x, targets=y, loss_chunk=self.cfg.run.loss_chunk)) * y.numel()
             count += y.numel()
             self.callback("progress", {"task": "eval", "done": min(s + mb, n), "total": n})
         model.train(was_training)
@@ -335,7 +356,10 @@ class Trainer:
         transfer_adamw_state(old_model, old_opt, res, self.optimizer)
         sharded.shard_optimizer_state(self.optimizer)
         del old_opt
-        self.ddp = parallel.wrap(self.model, self.world, self.device)
+        self._wrap()
+        compute = torch.bfloat16 if self.autocast == "bf16" else self.dtype  # the grown shapes' own peak
+        self.peak, self.peak_source = parallel.peak_flops(self.cfg.run, compute, self.device, self.model.config,
+                                                          self.cfg.run.micro_batch * self.cfg.data.seq_len)
         if reg.ewc_lambda > 0:
             self.ewc = self._build_ewc()
         after = self.evaluate()
@@ -388,6 +412,8 @@ class Trainer:
         for k in ("kd", "hidden", "attn", "ewc", "grad_norm", "skipped"):
             if k in step_rec:
                 rec[k] = step_rec[k]
+        if self._compile_s:
+            rec["compile_s"], self._compile_s = self._compile_s, 0.0
         return rec
 
     # -- the loop -------------------------------------------------------------------------------------
@@ -399,7 +425,8 @@ class Trainer:
             self.metrics_path.unlink()  # a fresh run (checked in __init__: no checkpoints here)
         self._write_metrics({"kind": "run", "event": "start", "step": self.state.step,
                              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "growlm_version": _version(),
-                             "dtype": r.dtype, "autocast": r.autocast, "peak_flops": self.peak,
+                             "dtype": r.dtype, "autocast": r.autocast, "autocast_used": self.autocast,
+                             "peak_flops": self.peak, "peak_source": self.peak_source,
                              **parallel.machine_info(self.device, self.world), "config": _jsonable(self.cfg.to_dict())})
         if self.state.step == 0:
             self.state.base_val = self.evaluate()
@@ -420,8 +447,13 @@ class Trainer:
                 self.grow_now(self.state.base_val)
         self._t_last, self._tokens_last = time.perf_counter(), self.state.tokens
         while self.state.step < r.max_steps:
+            tokens_before, compiling, t0 = self.state.tokens, self.step_model.pending, time.perf_counter()
             step_rec = self.train_step()
             self.state.step += 1
+            if compiling:  # the first step after a compile is the compile's time: left out of tok_s, with its tokens
+                dt = time.perf_counter() - t0
+                self._compile_s, self._t_last = self._compile_s + dt, self._t_last + dt
+                self._tokens_last += self.state.tokens - tokens_before
             val = None
             if self.state.step % r.eval_every == 0 or self.state.step == r.max_steps:
                 val = self.evaluate()

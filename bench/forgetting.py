@@ -345,7 +345,10 @@ def main() -> None:
                         "on 2 cores") if scaled else None,
         "notes": notes + ["d_top_kd: growlm re-takes the KD snapshot at every growth event (the base only until the second)",
                           "f_full_ewc: EWC anchored at the base by the bench (growlm anchors at growth events only)",
-                          "flops = the Trainer's executed FLOPs + the KD teacher's forward passes + the EWC Fisher"],
+                          "flops = the Trainer's executed FLOPs + the KD teacher's forward passes + the EWC Fisher",
+                          "wall_s = Trainer set-up, steps, the end-of-run checkpoint it always writes (weights, AdamW "
+                          "state, KD snapshot, EWC Fisher and anchor) and the three measures; the Fisher (fisher_s) "
+                          "is computed once for all seeds"],
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "loadavg": os.getloadavg(), "torch": torch.__version__},

@@ -1,5 +1,5 @@
 """What a run starts from, built from its config: the model (pretrained, scratch, or cut from a teacher), the
-tokenizer, the data, and the teacher of a distillation.
+tokenizer, the data, the teacher of a distillation, and the checkpoint it resumes from (`resume_point`).
 
 `setup(cfg)` is the one place that loads them; the `Trainer` takes them built, so tests and callers can
 hand it any model, any packed data and any teacher.
@@ -8,17 +8,20 @@ hand it any model, any packed data and any teacher.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from growlm.distill.prune import make_student
 from growlm.errors import GrowlmError
-from growlm.io import parse_dtype
+from growlm.io import check_writable, parse_dtype
 from growlm.models.config import ModelConfig
 from growlm.models.hf import load_model
 from growlm.models.model import GPT
-from growlm.train.config import ModelSource, TrainConfig
+from growlm.train import checkpoint as ckpt
+from growlm.train import sharded
+from growlm.train.config import ModelSource, TrainConfig, comparable, config_differences, resume_changes
 from growlm.train.data import ByteTokenizer, PackedData, prepare_data, tokenizer_fingerprint
 
 
@@ -124,3 +127,40 @@ def check_inputs(cfg: TrainConfig, model: GPT, tokenizer: Any) -> None:
         raise GrowlmError(f"the tokenizer has {len(tokenizer)} ids but the model only {vocab} embeddings")
     if cfg.data.seq_len > model.config.block_size:
         raise GrowlmError(f"data.seq_len={cfg.data.seq_len} exceeds the model's context length {model.config.block_size}")
+
+
+RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "hf")
+"""What a run writes into run.out_dir; a fresh run refuses a folder holding any of them (run.overwrite)."""
+
+
+def resume_point(cfg: TrainConfig, notes: list[str] | None = None) -> Path | None:
+    """The checkpoint to resume from (run.resume): the newest one whose manifest verifies, after checking
+    that its config matches (location and the fields `resume_changes` lists may differ; `notes` gets one
+    line per skipped checkpoint and per changed field). None for a fresh run, which must not write into a
+    folder that already holds a run unless run.overwrite is set."""
+    out = Path(cfg.run.out_dir)
+    ckpt_dir = out / "checkpoints"
+    if out.exists() and not out.is_dir():
+        raise GrowlmError(f"run.out_dir {out} exists and is not a folder; choose another run.out_dir")
+    check_writable(ckpt_dir)
+    if not cfg.run.resume:
+        held = [n for n in RUN_OUTPUTS if (out / n).exists()]
+        if held and not cfg.run.overwrite:
+            what = "checkpoints" if ckpt.list_checkpoints(ckpt_dir) else " and ".join(held)
+            raise GrowlmError(f"{out} already holds {what} of a run; set run.resume=true to continue it, "
+                              "run.overwrite=true to replace it, or choose another run.out_dir")
+        return None
+    path, skipped = ckpt.usable_checkpoint(ckpt_dir)
+    if path is None:
+        why = f" ({skipped[0]})" if skipped else ""
+        raise GrowlmError(f"run.resume is set but {ckpt_dir} holds no usable checkpoint{why}")
+    saved, now = ckpt.read_train_config(path), comparable(cfg.to_dict())
+    now, relaid = sharded.relayout(path, saved, now)  # a sharded checkpoint may resume on another process count
+    diff = config_differences(saved, now)
+    if diff:
+        raise GrowlmError(f"cannot resume {path}: config differs ({'; '.join(diff[:3])})")
+    if notes is not None:
+        notes.extend(skipped)
+        notes.extend(relaid)
+        notes.extend(f"resuming {path.name} with {c}" for c in resume_changes(saved, now))
+    return path

@@ -31,7 +31,8 @@ class Distillation:
     """A frozen teacher on the student's device and dtype, the objective, and (distill.targets=cached) the cache."""
 
     def __init__(self, cfg: TrainConfig, student: GPT, teacher: GPT, data: PackedData, device: str,
-                 dtype: torch.dtype, progress: Callable[[int, int], None] | None = None) -> None:
+                 dtype: torch.dtype, progress: Callable[[int, int], None] | None = None,
+                 notify: Callable[[str], None] | None = None) -> None:
         d, seq = cfg.distill, cfg.data.seq_len
         if teacher.config.vocab_size > student.config.vocab_size:
             raise GrowlmError(f"the teacher's vocabulary ({teacher.config.vocab_size}) is larger than the student's "
@@ -44,6 +45,11 @@ class Distillation:
         self.objective = Objective(d.objective, student.config, teacher.config).to(device=device, dtype=dtype)
         self.targets: TeacherTargets | None = None
         if d.targets == "cached":
+            reads = cfg.run.max_steps * cfg.run.micro_batch * cfg.run.grad_accum
+            n = data.n_blocks("train", seq)
+            if notify is not None and reads < n:
+                notify(f"teacher targets: caching all {n:,} training blocks; this run reads {reads:,} block visits "
+                       "(the cache pays off across epochs and runs; distill.targets=online costs only what is read)")
             self.targets = build_targets(self.teacher, data, seq, d.top_k, d.targets_dir, d.targets_dtype,
                                          batch_size=cfg.run.micro_batch, progress=progress, teacher_hash=self.fingerprint)
 

@@ -50,13 +50,13 @@ import torch.nn.functional as F
 
 from growlm.errors import GrowlmError
 from growlm.growth import grow, with_vocab_sources
-from growlm.io import check_writable, parse_dtype, remove_stale_temporaries
+from growlm.io import parse_dtype, remove_stale_temporaries
 from growlm.models.hf import save_hf
 from growlm.models.model import GPT
 from growlm.train import checkpoint as ckpt
 from growlm.train import parallel, sharded
-from growlm.train.build import check_inputs, setup
-from growlm.train.config import TrainConfig, comparable, config_differences, resume_changes
+from growlm.train.build import RUN_OUTPUTS, check_inputs, resume_point, setup
+from growlm.train.config import TrainConfig, comparable
 from growlm.train.distillation import Distillation
 from growlm.train.data import BlockSampler, PackedData, prepare_data, retention_text, stack_blocks, text_blocks
 from growlm.train.flops import executed_flops_per_token
@@ -81,43 +81,6 @@ class TrainResult:
 Callback = Callable[[str, dict[str, Any]], None]
 """on(kind, record): kind is 'log' (a metrics line), 'growth' (an event), 'eval', 'info' or 'progress'
 ({"task": "tokenise" | "eval", "done": n, "total": N}: for progress bars, never logged)."""
-
-
-RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "hf")
-"""What a run writes into run.out_dir; a fresh run refuses a folder holding any of them (run.overwrite)."""
-
-
-def resume_point(cfg: TrainConfig, notes: list[str] | None = None) -> Path | None:
-    """The checkpoint to resume from (run.resume): the newest one whose manifest verifies, after checking
-    that its config matches (location and the fields `resume_changes` lists may differ; `notes` gets one
-    line per skipped checkpoint and per changed field). None for a fresh run, which must not write into a
-    folder that already holds a run unless run.overwrite is set."""
-    out = Path(cfg.run.out_dir)
-    ckpt_dir = out / "checkpoints"
-    if out.exists() and not out.is_dir():
-        raise GrowlmError(f"run.out_dir {out} exists and is not a folder; choose another run.out_dir")
-    check_writable(ckpt_dir)
-    if not cfg.run.resume:
-        held = [n for n in RUN_OUTPUTS if (out / n).exists()]
-        if held and not cfg.run.overwrite:
-            what = "checkpoints" if ckpt.list_checkpoints(ckpt_dir) else " and ".join(held)
-            raise GrowlmError(f"{out} already holds {what} of a run; set run.resume=true to continue it, "
-                              "run.overwrite=true to replace it, or choose another run.out_dir")
-        return None
-    path, skipped = ckpt.usable_checkpoint(ckpt_dir)
-    if path is None:
-        why = f" ({skipped[0]})" if skipped else ""
-        raise GrowlmError(f"run.resume is set but {ckpt_dir} holds no usable checkpoint{why}")
-    saved, now = ckpt.read_train_config(path), comparable(cfg.to_dict())
-    now, relaid = sharded.relayout(path, saved, now)  # a sharded checkpoint may resume on another process count
-    diff = config_differences(saved, now)
-    if diff:
-        raise GrowlmError(f"cannot resume {path}: config differs ({'; '.join(diff[:3])})")
-    if notes is not None:
-        notes.extend(skipped)
-        notes.extend(relaid)
-        notes.extend(f"resuming {path.name} with {c}" for c in resume_changes(saved, now))
-    return path
 
 
 class Trainer:
@@ -155,7 +118,8 @@ class Trainer:
             if teacher is None:
                 raise GrowlmError("distill.teacher is set but no teacher model was given")
             progress = lambda done, n: self.callback("progress", {"task": "targets", "done": done, "total": n})  # noqa: E731
-            self.distill = Distillation(cfg, self.model, teacher, data, self.device, self.dtype, progress)
+            self.distill = Distillation(cfg, self.model, teacher, data, self.device, self.dtype, progress,
+                                        lambda m: self.callback("info", {"message": m}))
             self.state.teacher = self.distill.fingerprint
         tokens = r.micro_batch * cfg.data.seq_len
         prec = choose_autocast(r.autocast, model.config, tokens, self.dtype, self.device)

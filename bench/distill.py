@@ -14,8 +14,10 @@ that folder is absent, said in the output). Arms, per seed:
   kd_random   a random-init student of the depth-pruned shape, as kd
   kd_online   (first seed only) as kd with the teacher run every step: the cache's speed-up and its k error
 
-`cache_speedup` = median step time online / cached (kd_online vs kd, first seed); `cache_speedup_expected`
-= (teacher forward + student step FLOPs) / student step FLOPs (`growlm.train.flops`).
+`cache_speedup` = median step time online / cached, measured in a timing phase after the arms: short kd
+(cached) and kd_online runs alternated for `--timing-rounds` rounds, so both see the same machine load
+(`--timing-only` runs just that phase and updates the JSON); `cache_speedup_expected` = (teacher forward +
+student step FLOPs) / student step FLOPs (`growlm.train.flops`).
 
 Run: python bench/distill.py                 (~25 min on 2 quiet cores; writes bench/results/distill.json)
      python bench/distill.py --quick         (a minute: 2 layers, 3 steps; checks the script, not the claim)
@@ -118,6 +120,19 @@ def run_arm(name: str, arm: dict, students: dict, teacher, tok, data, data_cfg: 
     return row
 
 
+def timing(students, teacher, tok, data, data_cfg, args, work: Path) -> dict:
+    """Median step time of cached vs online logit KD, alternated round by round (same load for both)."""
+    short = argparse.Namespace(**{**vars(args), "steps": args.timing_steps})
+    arm_set = arms(True, args.hidden_weight)
+    times: dict[str, list[float]] = {"kd": [], "kd_online": []}
+    for r in range(args.timing_rounds):
+        for name in (("kd", "kd_online") if r % 2 == 0 else ("kd_online", "kd")):
+            row = run_arm(name, arm_set[name], students, teacher, tok, data, data_cfg, short, 100 + r, work / f"t{r}")
+            times[name].append(row["median_step_s"])
+    return {"cache_speedup": statistics.median(times["kd_online"]) / statistics.median(times["kd"]),
+            "step_s": times, "loadavg": os.getloadavg()}
+
+
 def summarise(rows: list[dict], key: str = "ppl") -> dict[str, dict]:
     out = {}
     for name in dict.fromkeys(r["arm"] for r in rows):
@@ -140,6 +155,9 @@ def main() -> None:
     p.add_argument("--chars", type=int, default=140_000, help="characters of general text (whole articles) to train and validate on")
     p.add_argument("--val-blocks", type=int, default=32)
     p.add_argument("--val-fraction", type=float, default=0.3)
+    p.add_argument("--timing-rounds", type=int, default=3)
+    p.add_argument("--timing-steps", type=int, default=6)
+    p.add_argument("--timing-only", action="store_true", help="only the cached-vs-online timing phase; updates --out")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill.json"))
     args = p.parse_args()
@@ -155,7 +173,8 @@ def main() -> None:
     print(f"teacher SmolLM2-135M ({teacher.num_params():,} params); {corpus_note}", flush=True)
     rows, meta = [], {}
     students: dict = {}
-    for i, seed in enumerate(args.seeds):
+    first: tuple = ()
+    for i, seed in enumerate(args.seeds[:1] if args.timing_only else args.seeds):
         data_cfg = DataConfig(path=path or None, seq_len=args.seq_len, val_fraction=args.val_fraction, val_blocks=args.val_blocks,
                               seed=1234 + seed, cache_dir=str(work / "data"))
         data = prepare_data(data_cfg, tok)
@@ -170,19 +189,32 @@ def main() -> None:
                     "train_blocks": data.n_blocks("train", args.seq_len)}
             print(f"students: kept layers {rec['kept_layers']}; params "
                   + ", ".join(f"{k} {v:,}" for k, v in meta["params"].items()), flush=True)
+            first = (data, data_cfg)
+        if args.timing_only:
+            break
         print(f"seed {seed}: {data.n_blocks('train', args.seq_len)} training blocks", flush=True)
         for name, arm in arms(i == 0, args.hidden_weight).items():
             rows.append(run_arm(name, arm, students, teacher, tok, data, data_cfg, args, seed, work))
+    s_flops = executed_flops_per_token(students["depth"], args.seq_len)
+    t_flops = flops_per_token(teacher.config, args.seq_len, training=False)
+    timed = timing(students, teacher, tok, *first, args, work) if args.timing_rounds > 0 else {}
+    print(f"cache speed-up {timed.get('cache_speedup', float('nan')):.2f}x (expected {(t_flops + s_flops) / s_flops:.2f}x)",
+          flush=True)
+    if args.timing_only:
+        out = json.loads(Path(args.out).read_text())
+        out.update(cache_speedup=timed["cache_speedup"], cache_speedup_expected=(t_flops + s_flops) / s_flops, timing=timed)
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+        print(f"updated {args.out}")
+        return
     ppl = summarise(rows)
     meta["teacher_val_loss"] = statistics.fmean(r["teacher_val_loss"] for r in rows if r["arm"] == "kd")
     by = {r["arm"]: r for r in rows if r["seed"] == args.seeds[0]}
-    s_flops = executed_flops_per_token(students["depth"], args.seq_len)
-    t_flops = flops_per_token(teacher.config, args.seq_len, training=False)
     out = {
         "ppl_ce": ppl["ce"]["mean"], "ppl_kd": ppl["kd"]["mean"], "ppl_teacher": math.exp(meta["teacher_val_loss"]),
         "kd_vs_ce": ppl["kd"]["mean"] / ppl["ce"]["mean"] - 1,
         "student_over_teacher": ppl["kd"]["mean"] / math.exp(meta["teacher_val_loss"]),
-        "cache_speedup": by["kd_online"]["median_step_s"] / by["kd"]["median_step_s"],
+        "cache_speedup": timed.get("cache_speedup"), "timing": timed,
+        "cache_speedup_in_arms": by["kd_online"]["median_step_s"] / by["kd"]["median_step_s"],
         "cache_speedup_expected": (t_flops + s_flops) / s_flops,
         "ppl": ppl, "rows": rows, "students": meta, "corpus": corpus_note,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
@@ -194,7 +226,7 @@ def main() -> None:
     for name, s in ppl.items():
         print(f"{name:<10} {s['mean']:9.2f} {s['min']:9.2f} {s['max']:9.2f}")
     print(f"teacher ppl {out['ppl_teacher']:.2f}; KD vs CE {100 * out['kd_vs_ce']:+.1f}%; student/teacher "
-          f"{out['student_over_teacher']:.2f}; cache speed-up {out['cache_speedup']:.2f}x "
+          f"{out['student_over_teacher']:.2f}; cache speed-up {out['cache_speedup'] or float('nan'):.2f}x "
           f"(expected {out['cache_speedup_expected']:.2f}x); {out['wall_s']:.0f} s")
     if not args.quick:
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")

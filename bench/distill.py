@@ -127,7 +127,7 @@ def timing(students, teacher, tok, data, data_cfg, args, work: Path) -> dict:
     times: dict[str, list[float]] = {"kd": [], "kd_online": []}
     for r in range(args.timing_rounds):
         for name in (("kd", "kd_online") if r % 2 == 0 else ("kd_online", "kd")):
-            row = run_arm(name, arm_set[name], students, teacher, tok, data, data_cfg, short, 100 + r, work / f"t{r}")
+            row = run_arm(name, arm_set[name], students, teacher, tok, data, data_cfg, short, 100 + r, work)  # one cache
             times[name].append(row["median_step_s"])
     return {"cache_speedup": statistics.median(times["kd_online"]) / statistics.median(times["kd"]),
             "step_s": times, "loadavg": os.getloadavg()}

@@ -84,6 +84,15 @@ def all_mean(t: torch.Tensor, world: int, device: str) -> torch.Tensor:
     return t
 
 
+def from_rank0(value: float, world: int, device: str) -> float:
+    """Rank 0's `value` on every rank (a choice measured per process, such as the precision, must agree)."""
+    if world <= 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    torch.distributed.broadcast(t, src=0)
+    return float(t.item())
+
+
 def barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()

@@ -123,7 +123,8 @@ class Trainer:
             self.state.teacher = self.distill.fingerprint
         tokens = r.micro_batch * cfg.data.seq_len
         prec = choose_autocast(r.autocast, model.config, tokens, self.dtype, self.device)
-        self.autocast = prec.autocast  # what run.autocast resolves to here
+        bf16 = parallel.from_rank0(float(prec.autocast == "bf16"), self.world, self.device)  # timed per process:
+        self.autocast = "bf16" if bf16 else "none"  # what run.autocast resolves to, rank 0's choice on every rank
         if prec.warning:
             self.callback("info", {"message": prec.warning})
         compute = torch.bfloat16 if self.autocast == "bf16" else self.dtype

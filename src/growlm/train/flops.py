@@ -20,23 +20,15 @@ lowest trainable block. `executed_flops_per_token` counts what a step on a given
 the weight requires grad), and the trainer uses it for its FLOP totals and MFU, so MFU never exceeds 100%
 with a frozen base (with the model convention the grow-smollm2 job printed "MFU 200%").
 
-MFU = achieved model FLOP/s / peak matmul FLOP/s. The peak is measured once per machine, dtype and
-thread count (a large square matmul, best of a few runs) and cached in the growlm cache directory,
-because a data-sheet peak for a shared 2-core CPU does not exist.
+MFU = achieved model FLOP/s / peak matmul FLOP/s; the peak is measured on the model's own matmul shapes in
+the compute dtype (`growlm.train.precision`), because a data-sheet peak for a shared 2-core CPU does not exist.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import time
-from pathlib import Path
-
 import torch
 
-from growlm.io import atomic_write
 from growlm.models.config import ModelConfig
-from growlm.models.assets import cache_dir
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -77,45 +69,6 @@ def executed_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     n = head.numel()
     total += 2 * n + (2 * n if below else 0) + (2 * n if head.requires_grad else 0)
     return float(total)
-
-
-def measure_matmul_peak(dtype: torch.dtype = torch.bfloat16, device: str = "cpu", n: int = 2048, repeats: int = 10) -> float:
-    """Best observed FLOP/s of an n x n x n matmul (2 n^3 FLOPs); the best of several runs, because on a
-    shared machine other processes only ever make a run slower."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first run warms up kernels and caches
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
-def matmul_peak(dtype: torch.dtype = torch.bfloat16, device: str = "cpu", cache: Path | None = None) -> float:
-    """The matmul peak for (device name, dtype, threads): $GROWLM_MATMUL_PEAK (FLOP/s) when set, else
-    measured on first use and cached (delete the cache file to measure again on a quiet machine)."""
-    env = os.environ.get("GROWLM_MATMUL_PEAK")
-    if env:
-        return float(env)
-    if cache is None:
-
-        cache = cache_dir() / "matmul_peak.json"
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(torch.device(device))
-    else:
-        name = f"cpu-{torch.get_num_threads()}threads"
-    key = f"v2|{name}|{str(dtype).removeprefix('torch.')}"
-    table = json.loads(cache.read_text()) if cache.exists() else {}
-    if key not in table:
-        table[key] = measure_matmul_peak(dtype, device)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(cache, json.dumps(table, indent=1))
-    return float(table[key])
 
 
 def mfu(flops_per_second: float, peak: float) -> float:

@@ -161,6 +161,16 @@ CASES = [
     ("train-latin1-corpus", {"c.yaml": _yaml(data={"path": "l.txt"}), "l.txt": LATIN1}, ["train", "--config", "c.yaml"], "invalid UTF-8"),
     ("train-binary-jsonl", {"c.yaml": _yaml(data={"path": "b.jsonl"}), "b.jsonl": BINARY}, ["train", "--config", "c.yaml"], "not a text file"),
     ("train-missing-data", {"c.yaml": _yaml(data={"path": "nope.txt"})}, ["train", "--config", "c.yaml"], "does not exist"),
+    # -- train: growth without forgetting (re-warm, KD teacher, replay)
+    ("train-lr-rewarm", {"c.yaml": _yaml()}, ["train", "--config", "c.yaml", "--growth.lr_rewarm_steps", "-1"], "lr_rewarm_steps"),
+    ("train-kd-teacher", {"c.yaml": _yaml(reg={"kd_teacher": "teacher"})}, ["train", "--config", "c.yaml"], "kd_teacher"),
+    ("train-replay-fraction", {"c.yaml": _yaml(data={"replay": "texts", "replay_fraction": 1.0})}, ["train", "--config", "c.yaml"],
+     "replay_fraction must be in [0, 1)"),
+    ("train-replay-alone", {"c.yaml": _yaml()}, ["train", "--config", "c.yaml", "--data.replay", "texts"], "go together"),
+    ("train-replay-missing", {"c.yaml": _yaml(data={"replay": "nope.txt", "replay_fraction": 0.2})}, ["train", "--config", "c.yaml"],
+     "data.replay: data path nope.txt does not exist"),
+    ("train-replay-empty", {"c.yaml": _yaml(data={"replay": "e.txt", "replay_fraction": 0.2}), "e.txt": b" \n"},
+     ["train", "--config", "c.yaml"], "data.replay: no text found"),
     # -- train: the run folder
     ("train-out-is-file", {"c.yaml": _yaml(), "out": b"precious"}, ["train", "--config", "c.yaml"], "is not a folder"),
     ("train-finished-run-without-checkpoints", {"c.yaml": _yaml(), **FINISHED_RUN}, ["train", "--config", "c.yaml"], "run.overwrite"),

@@ -107,6 +107,9 @@ class GrowthConfig:
     """old_params=decay: generation g moves gen_lr_mult ** (G - g) times its AdamW update (G = newest)."""
     new_warmup_steps: int = 0
     """Warm the update of the newest elements up linearly over this many steps after an event."""
+    lr_rewarm_steps: int = 0
+    """Re-warm the learning rate of every trainable parameter after each event: times (s + 1) / k at the k steps
+    s = 0..k-1 after it, on top of the schedule (0 = off; new_warmup_steps warms the newest elements only)."""
 
     def __post_init__(self) -> None:
         if self.every < 1 or self.max_events < 0 or self.patience < 1 or self.cooldown < 0:
@@ -117,6 +120,8 @@ class GrowthConfig:
             raise GrowlmError(f"growth.gen_lr_mult must be in [0, 1], got {self.gen_lr_mult}")
         if (self.start is not None and self.start < 0) or any(s < 0 for s in self.steps) or self.new_warmup_steps < 0:
             raise GrowlmError("growth: start, steps and new_warmup_steps must be >= 0")
+        if self.lr_rewarm_steps < 0:
+            raise GrowlmError(f"growth.lr_rewarm_steps must be >= 0 (0 = off), got {self.lr_rewarm_steps}")
         _finite("growth", min_delta=self.min_delta)
         # mappings (YAML, JSON, Python callers) become typed specs here: bad ones fail before training
         self.operators = [_spec(op) for op in self.operators]
@@ -141,9 +146,12 @@ class RegConfig:
     """Regularisers against forgetting, active after the first growth event."""
 
     kd_weight: float = 0.0
-    """Weight of T^2 * KL(pre-growth snapshot || model) added to the loss (0 = off)."""
+    """Weight of T^2 * KL(teacher || model) added to the loss after the first growth event (0 = off)."""
     kd_temperature: float = 2.0
     """Distillation temperature T."""
+    kd_teacher: Literal["snapshot", "base"] = "snapshot"
+    """The KD teacher: 'snapshot' = a frozen copy of the model just before each growth event (re-taken at every
+    event); 'base' = the model as it was before the first event, for the whole run."""
     ewc_lambda: float = 0.0
     """EWC strength lambda in (lambda/2) sum F (theta - theta*)^2 (0 = off)."""
     ewc_samples: int = 16
@@ -159,6 +167,8 @@ class RegConfig:
             raise GrowlmError(f"reg.kd_temperature must be > 0, got {self.kd_temperature}")
         if self.ewc_samples < 1:
             raise GrowlmError(f"reg.ewc_samples must be >= 1, got {self.ewc_samples}")
+        if self.kd_teacher not in ("snapshot", "base"):
+            raise GrowlmError(f"reg.kd_teacher must be 'snapshot' or 'base', got {self.kd_teacher!r}")
 
 
 @dataclass
@@ -341,13 +351,13 @@ def resume_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'section.key: checkpoint X vs now Y' for every setting that changes the computation."""
     out = []
-    defaults = comparable(TrainConfig().to_dict())  # a section a checkpoint lacks predates it: its defaults applied
+    defaults = comparable(TrainConfig().to_dict())  # a section or key a checkpoint lacks predates it: its defaults applied
     for sec in sorted(set(saved) | set(current)):
         a, b = saved.get(sec, defaults.get(sec, {})), current.get(sec, {})
         for k in sorted(set(a) | set(b)):
             if (sec, k) in RESUME_MAY_DIFFER or (sec, k) in RESUME_MAY_CHANGE:
                 continue
-            va, vb = a.get(k), b.get(k)
+            va, vb = a.get(k, defaults.get(sec, {}).get(k)), b.get(k)
             if (sec, k) == ("growth", "operators"):  # given keys or all fields: the same specs compare equal
                 va, vb = _specs_as_dicts(va), _specs_as_dicts(vb)
             if isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)):

@@ -3,7 +3,8 @@
 Pipeline (as in nanoGPT's `prepare.py` + `get_batch`, made deterministic and resumable):
 
 1. `read_documents` reads text / jsonl / parquet files or folders (or a hub dataset id when online,
-   through `datasets`); the default is the embedded Shakespeare corpus (`growlm.models.assets`).
+   through `datasets`); the default is the embedded Shakespeare corpus (`growlm.models.assets`). A replay
+   text (data.replay) is read the same way and mixed into the training stream only (`mix_replay`).
 2. `split_documents` splits by *document* (a hash of its name), so no play is half in train and half in
    validation; the modern (`*_gut.txt`) and First Folio (`*_gut_f.txt`) spellings must not be mixed
    (near-duplicates would leak across the split), so mixing them is an error.
@@ -57,6 +58,12 @@ class DataConfig:
     """Seed of the document split and of the block order."""
     cache_dir: str | None = None
     """Where packed token streams are cached; None = $GROWLM_CACHE/data or ~/.cache/growlm/data."""
+    replay: str | None = None
+    """Text replayed into the training stream against forgetting (a file, folder or hub id, read as data.path is;
+    all of it trains, none of it validates); None = no replay."""
+    replay_fraction: float = 0.0
+    """Share of the training stream that is replay text: its tokens are repeated to this fraction of main +
+    replay, so about this fraction of the sampled blocks is replay. In (0, 1) with data.replay, else 0."""
 
     def __post_init__(self) -> None:
         if self.seq_len < 1:
@@ -65,6 +72,11 @@ class DataConfig:
             raise GrowlmError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.val_blocks < 0:
             raise GrowlmError(f"data.val_blocks must be >= 0, got {self.val_blocks}")
+        if not 0.0 <= self.replay_fraction < 1.0:
+            raise GrowlmError(f"data.replay_fraction must be in [0, 1), got {self.replay_fraction}")
+        if (self.replay is None) != (self.replay_fraction == 0.0):
+            raise GrowlmError("data.replay and data.replay_fraction go together: name the replay text and the share of "
+                              f"the training stream it takes (got replay={self.replay!r}, replay_fraction={self.replay_fraction})")
 
 
 @dataclass
@@ -256,6 +268,8 @@ class PackedData:
     n_train_docs: int
     n_val_docs: int
     vocab_size: int
+    n_replay: int = 0
+    """Tokens of replay text (data.replay) at the end of the training stream."""
 
     def n_blocks(self, split: str, seq_len: int) -> int:
         stream = self.train if split == "train" else self.val
@@ -268,35 +282,70 @@ class PackedData:
         return torch.from_numpy(np.asarray(stream[s : s + seq_len + 1], dtype=np.int64))
 
 
-def _data_hash(cfg: DataConfig, docs: Sequence[Document]) -> str:
+def _data_hash(cfg: DataConfig, docs: Sequence[Document], replay: Sequence[Document] = ()) -> str:
     h = hashlib.sha256()
     h.update(f"v1|{cfg.val_fraction}|{cfg.seed}|{cfg.text_field}".encode())
     for d in docs:
         h.update(d.name.encode() + b"\0")
         h.update(hashlib.sha256(d.text.encode()).digest())
+    if replay:  # without replay the key is what it always was (existing caches stay valid)
+        h.update(f"|replay|{cfg.replay_fraction!r}".encode())
+        for d in replay:
+            h.update(d.name.encode() + b"\0")
+            h.update(hashlib.sha256(d.text.encode()).digest())
     return h.hexdigest()[:16]
+
+
+def read_replay(cfg: DataConfig) -> list[Document]:
+    """The documents of data.replay ([] when unset); a missing or empty source is a GrowlmError naming data.replay."""
+    if cfg.replay is None:
+        return []
+    try:
+        return read_documents(cfg.replay, cfg.text_field)
+    except GrowlmError as e:
+        raise GrowlmError(f"data.replay: {e}") from None
+
+
+def mix_replay(train: np.ndarray, replay: np.ndarray, fraction: float) -> np.ndarray:
+    """The training stream followed by the replay tokens repeated (and cut) to n = round(len(train) * f / (1 - f))
+    tokens, so that replay is the fraction f of the combined stream. Blocks are sampled uniformly from it
+    (`BlockSampler`), so about f of every batch is replay text: experience replay against forgetting in
+    continued pretraining (a small buffer of the old distribution mixed into the new one; e.g. Ibrahim et
+    al. 2024, "Simple and scalable strategies to continually pre-train large language models")."""
+    if len(replay) == 0:
+        raise GrowlmError("data.replay holds no tokens")
+    n = int(round(len(train) * fraction / (1 - fraction)))
+    reps = -(-n // len(replay))
+    return np.concatenate([np.asarray(train), np.tile(np.asarray(replay, dtype=train.dtype), reps)[:n]])
 
 
 def prepare_data(cfg: DataConfig, tokenizer: Any, progress: Callable[[int, int], None] | None = None) -> PackedData:
     """Read, split, tokenise and pack (or reuse the on-disk cache keyed by data + tokenizer);
     `progress(documents done, total)` follows the tokenisation."""
     docs = read_documents(cfg.path, cfg.text_field)
-    key = f"{_data_hash(cfg, docs)}-{tokenizer_fingerprint(tokenizer)}"
+    replay = read_replay(cfg)
+    key = f"{_data_hash(cfg, docs, replay)}-{tokenizer_fingerprint(tokenizer)}"
     root = Path(cfg.cache_dir) if cfg.cache_dir else _default_cache() / "data"
     d = root / key
     meta_path = d / "meta.json"
     if not meta_path.exists():
         train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.seed)
-        n = len(train_docs) + len(val_docs)
+        n = len(train_docs) + len(val_docs) + len(replay)
         train = tokenize_documents(train_docs, tokenizer, progress=progress and (lambda d, _: progress(d, n)))
         if val_docs:
             val = tokenize_documents(val_docs, tokenizer, progress=progress and (lambda d, _: progress(len(train_docs) + d, n)))
         else:  # one document: hold out its tail
             n_val = max(2, int(len(train) * cfg.val_fraction))
             train, val = train[:-n_val], train[-n_val:]
+        n_main = len(train)
+        if replay:  # after the split: validation stays the main data's
+            done = n - len(replay)
+            buf = tokenize_documents(replay, tokenizer, progress=progress and (lambda d, _: progress(done + d, n)))
+            train = mix_replay(train, buf, cfg.replay_fraction)
         vocab = tokenizer_size(tokenizer)
         dtype = np.uint16 if vocab <= 2**16 else np.uint32
         meta = {"key": key, "dtype": np.dtype(dtype).name, "n_train": int(len(train)), "n_val": int(len(val)),
+                "n_replay": int(len(train) - n_main), "n_replay_docs": len(replay),
                 "n_train_docs": len(train_docs), "n_val_docs": len(val_docs), "vocab_size": vocab,
                 "val_docs": [x.name for x in val_docs][:1000]}
         _write_cache(d, {"train": train.astype(dtype), "val": val.astype(dtype)}, meta)
@@ -304,7 +353,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, progress: Callable[[int, int],
     dtype = np.dtype(meta["dtype"])
     train = np.memmap(d / "train.bin", dtype=dtype, mode="r", shape=(meta["n_train"],)) if meta["n_train"] else np.zeros(0, dtype)
     val = np.memmap(d / "val.bin", dtype=dtype, mode="r", shape=(meta["n_val"],)) if meta["n_val"] else np.zeros(0, dtype)
-    packed = PackedData(train, val, key, meta["n_train_docs"], meta["n_val_docs"], meta["vocab_size"])
+    packed = PackedData(train, val, key, meta["n_train_docs"], meta["n_val_docs"], meta["vocab_size"], meta.get("n_replay", 0))
     for split in ("train", "val"):
         if packed.n_blocks(split, cfg.seq_len) < 1:
             raise GrowlmError(

@@ -22,6 +22,10 @@ with a frozen base (with the model convention the grow-smollm2 job printed "MFU 
 
 MFU = achieved model FLOP/s / peak matmul FLOP/s; the peak is measured on the model's own matmul shapes in
 the compute dtype (`growlm.train.precision`), because a data-sheet peak for a shared 2-core CPU does not exist.
+
+A teacher that runs beside training (distillation, KD against forgetting) adds its forward per trained token,
+`flops_per_token(teacher_config, T, training=False)`; EWC adds its Fisher once per growth event (`fisher_flops`).
+The executed total in metrics.jsonl counts both (not the EWC penalty's few FLOPs per parameter and step).
 """
 
 from __future__ import annotations
@@ -69,6 +73,17 @@ def executed_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     n = head.numel()
     total += 2 * n + (2 * n if below else 0) + (2 * n if head.requires_grad else 0)
     return float(total)
+
+
+def fisher_flops(model: torch.nn.Module, n_sequences: int, seq_len: int, true_fisher: bool = False) -> float:
+    """Executed FLOPs of the diagonal Fisher (`growlm.train.regularize.per_sample_fisher`) on `n_sequences`
+    sequences: per token one forward and one backward with weight gradients for the trainable parameters,
+    what a training step executes (`executed_flops_per_token`; per-sample gradients cost the same matmuls as a
+    batch gradient), plus for the true Fisher the forward that samples its labels."""
+    per_token = executed_flops_per_token(model, seq_len)
+    if true_fisher:
+        per_token += flops_per_token(model.config, seq_len, training=False)
+    return per_token * n_sequences * seq_len
 
 
 def mfu(flops_per_second: float, peak: float) -> float:

@@ -2,7 +2,8 @@
 
 AdamW (Loshchilov & Hutter 2019, Algorithm 2) with decoupled weight decay on matrices (>= 2-D) only;
 norm gains, biases and nothing else are decay-free. The learning rate warms up linearly and then follows
-a cosine or linear decay to `min_lr` (or stays constant): `lr_at`.
+a cosine or linear decay to `min_lr` (or stays constant): `lr_at`; after a growth event `rewarm_factor`
+can ramp it up again (growth.lr_rewarm_steps).
 
 Per-element learning rates. One AdamW step moves a parameter by
 
@@ -81,6 +82,21 @@ def lr_at(step: int, o: OptimConfig, max_steps: int) -> float:
     if o.decay == "linear":
         return o.min_lr + (o.lr - o.min_lr) * (1 - frac)
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * frac))
+
+
+def rewarm_factor(steps_since_growth: int, generation: int, k: int) -> float:
+    """The learning-rate re-warm after the latest growth event: (s + 1) / k at the k optimizer steps s = 0..k-1
+    after it (s = steps since the event), 1 before any event, after the ramp and with k = 0.
+
+    It multiplies the scheduled rate of every trainable parameter (the rate `lr_at` gives), so after each
+    expansion the optimizer restarts from small steps as a fresh run's warm-up would: the re-warm that
+    progressive-training schedules (several small expansions, Deep Progressive Training, Bu 2025) are run
+    with or without, and that continued pretraining applies when the data changes (Ibrahim et al. 2024,
+    "Simple and scalable strategies to continually pre-train large language models"). A later event
+    restarts the ramp; unlike growth.new_warmup_steps it acts on old and new elements alike."""
+    if generation == 0 or k == 0 or steps_since_growth >= k:
+        return 1.0
+    return (steps_since_growth + 1) / k
 
 
 # -- per-element multipliers ----------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Knowledge distillation (Hinton et al. 2015, "Distilling the knowledge in a neural network", eq. 2):
     L_KD = T^2 * KL( softmax(z_teacher / T) || softmax(z_student / T) ),  averaged over tokens.
-The teacher is a frozen copy of the model taken just before a growth event; a function-preserving
-operator makes the grown student equal to it, so L_KD is exactly zero right after growth and only
+The teacher is a frozen copy of the model taken just before a growth event (reg.kd_teacher: re-taken at
+every event, or the base model before the first event kept for the whole run); a function-preserving
+operator makes the grown student equal to the snapshot, so L_KD is exactly zero right after growth and only
 grows as training moves the student away. When the vocabulary grew, the student's logits are
 restricted to the teacher's vocabulary (the old tokens keep their ids) and renormalised there.
 

@@ -18,7 +18,10 @@ Growth during training (operators in `growlm.growth`):
   multipliers, the operators' own update scales and the warm-up of new elements act on the AdamW update,
   p = p_before + m * (p_after - p_before), written once in `growlm.train.optim` (Adam normalises the
   gradient's scale away, so scaling the gradient would not change the step);
-- regularisers (`growlm.train.regularize`): KD from the frozen pre-growth snapshot and EWC anchored at growth.
+- after each event the learning rate of everything may re-warm (`growth.lr_rewarm_steps`, `optim.rewarm_factor`);
+- regularisers (`growlm.train.regularize`): KD from a frozen teacher (the pre-growth snapshot, re-taken at each
+  event, or the base model before the first: reg.kd_teacher) and EWC anchored at growth. The executed FLOPs
+  count the KD teacher's forward passes and the EWC Fisher (`growlm.train.flops`).
 
 Distillation (`growlm distill`, a config with distill.teacher) is the same loop with a teacher and its
 objective (`growlm.train.distillation.Distillation`); the teacher's identity is checked on resume.
@@ -59,9 +62,9 @@ from growlm.train.build import RUN_OUTPUTS, check_inputs, resume_point, setup
 from growlm.train.config import TrainConfig, comparable
 from growlm.train.distillation import Distillation
 from growlm.train.data import BlockSampler, PackedData, prepare_data, retention_text, stack_blocks, text_blocks
-from growlm.train.flops import executed_flops_per_token
-from growlm.train.optim import (build_optimizer, freeze_zero_update, lr_at, multiplied_step, transfer_adamw_state,
-                                update_multipliers)
+from growlm.train.flops import executed_flops_per_token, fisher_flops, flops_per_token
+from growlm.train.optim import (build_optimizer, freeze_zero_update, lr_at, multiplied_step, rewarm_factor,
+                                transfer_adamw_state, update_multipliers)
 from growlm.train.precision import choose_autocast
 from growlm.train.regularize import EWC, build_ewc, kd_loss
 from growlm.train.state import PlateauTrigger, TrainState
@@ -207,7 +210,8 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over micro_batch * grad_accum * world sequences."""
         r, seq, st = self.cfg.run, self.cfg.data.seq_len, self.state
-        lr = lr_at(st.step, self.cfg.optim, r.max_steps)
+        lr = lr_at(st.step, self.cfg.optim, r.max_steps) * rewarm_factor(
+            st.step - st.last_growth_step, st.generation, self.cfg.growth.lr_rewarm_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         idx = st.sampler.next_indices(r.micro_batch * r.grad_accum * self.world)
@@ -257,9 +261,12 @@ class Trainer:
         return rec
 
     def _flops_per_token(self) -> float:
-        """Executed training FLOPs per token: the student's step, plus the teacher's forward when it runs online."""
+        """Executed training FLOPs per token: the student's step, plus the teacher's forward when it runs online
+        (distillation's teacher, or the KD teacher of reg.kd_weight: its own config, forward only)."""
         seq = self.cfg.data.seq_len
         f = executed_flops_per_token(self.model, seq)
+        if self.teacher is not None and self.cfg.reg.kd_weight > 0:  # the condition under which _loss runs it
+            f += flops_per_token(self.teacher.config, seq, training=False)
         return f + (self.distill.extra_flops_per_token() if self.distill is not None else 0.0)
 
     # -- evaluation -----------------------------------------------------------------------------------
@@ -306,7 +313,7 @@ class Trainer:
         old_model, old_opt = self.model, self.optimizer
         if sharded.is_sharded(old_model):  # grow the full model and state (every rank alike), shard it again
             old_model, old_opt = sharded.gather_full(old_model, old_opt, self.cfg.optim)
-        if reg.kd_weight > 0:
+        if reg.kd_weight > 0 and (reg.kd_teacher == "snapshot" or self.teacher is None):  # base: the first one, kept
             self.teacher = copy.deepcopy(old_model).eval().requires_grad_(False)
         n_before = old_model.num_params()
         st = self.state
@@ -325,8 +332,10 @@ class Trainer:
         compute = torch.bfloat16 if self.autocast == "bf16" else self.dtype  # the grown shapes' own peak
         self.peak, self.peak_source = parallel.peak_flops(self.cfg.run, compute, self.device, self.model.config,
                                                           self.cfg.run.micro_batch * self.cfg.data.seq_len)
+        fisher = 0.0
         if reg.ewc_lambda > 0:
-            self.ewc = self._build_ewc()
+            self.ewc, fisher = self._build_ewc()
+            self.state.flops += fisher
         after = self.evaluate()
         self.state.last_val = after
         r = res.record
@@ -337,13 +346,15 @@ class Trainer:
                "params_before": n_before, "params_after": self.model.num_params(),
                "params_added": self.model.num_params() - n_before,
                "trainable_params": self.model.num_params(trainable_only=True),
-               "val_loss_before": before, "val_loss_after": after, "val_loss_delta": after - before}
+               "val_loss_before": before, "val_loss_after": after, "val_loss_delta": after - before,
+               "fisher_flops": fisher}
         self.state.events.append(rec)
         self._write_metrics(rec)
         self.callback("growth", rec)
         return rec
 
-    def _build_ewc(self) -> EWC:
+    def _build_ewc(self) -> tuple[EWC, float]:
+        """EWC anchored at the current (just grown) model, and the executed FLOPs of its Fisher."""
         reg = self.cfg.reg
         n = min(reg.ewc_samples, self.state.sampler.n_blocks)
         rng = np.random.default_rng([self.cfg.data.seed, self.state.generation, 17])
@@ -351,7 +362,8 @@ class Trainer:
         x, y = stack_blocks(self.data, "train", idx, self.cfg.data.seq_len)
         new = {nm: f.dense(device=self.device) >= self.state.generation for nm, f in self.state.generations.items()}
         gen = torch.Generator().manual_seed(self.cfg.run.seed + self.state.generation)
-        return build_ewc(self.model, x.to(self.device), y.to(self.device), reg.ewc_lambda, new, reg.ewc_fisher, gen)
+        ewc = build_ewc(self.model, x.to(self.device), y.to(self.device), reg.ewc_lambda, new, reg.ewc_fisher, gen)
+        return ewc, fisher_flops(self.model, n, self.cfg.data.seq_len, reg.ewc_fisher == "true")
 
     # -- logging --------------------------------------------------------------------------------------
     def _write_metrics(self, rec: dict[str, Any]) -> None:

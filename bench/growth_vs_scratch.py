@@ -14,7 +14,9 @@ last event. Operators (growlm.growth):
   progressive       L/4 layers, + L/4 identity blocks (interleaved) three times, at event/3, 2 event/3, event
                     (several small early expansions, in the style of Deep Progressive Training, Bu 2025)
   progressive_warm  progressive with growth.new_warmup_steps: the new blocks' update warms up linearly after
-                    each event (growlm has no global learning-rate re-warm; this is the re-warm it has)
+                    each event (old blocks keep the scheduled rate)
+  progressive_rewarm  progressive with growth.lr_rewarm_steps: the learning rate of every parameter re-warms
+                    linearly after each event (on top of the cosine schedule), as after a fresh start
   one_layer         1 layer, + L-1 identity blocks on top at the event (Bu 2025's one-layer expansion)
 
 Per grown run against the scratch run of the same seed (curves = the periodic validation losses against
@@ -80,7 +82,7 @@ from growlm.train.data import DataConfig, prepare_data  # noqa: E402
 
 CORPUS = ROOT.parent / "shared" / "data" / "corpus" / "enwiki2015" / "enwiki2015.train.txt.bz2"
 SCHEDULES = ("scratch", "depth_top", "depth_interleave", "stack", "width", "depth_width", "progressive",
-             "progressive_warm", "one_layer")
+             "progressive_warm", "progressive_rewarm", "one_layer")
 FP_TOL = 1e-6  # |validation-loss change| allowed at a function-preserving growth event
 
 
@@ -165,14 +167,15 @@ def schedule(name: str, args: argparse.Namespace, event: int, warm: int) -> tupl
     if name == "depth_width":
         return half_width(half), GrowthConfig(trigger="steps", steps=event_steps(event, 2), max_events=2, operators=[
             GrowthSpec("depth", n=L - L // 2, where="interleave"), GrowthSpec("width", factor=2, noise=args.noise)])
-    if name in ("progressive", "progressive_warm"):
+    if name in ("progressive", "progressive_warm", "progressive_rewarm"):
         q = L // 4
         if q < 1 or L % 4:
             raise SystemExit(f"--layers must be a multiple of 4 for the progressive schedules, got {L}")
         return dict(final, n_layer=q), GrowthConfig(
             trigger="steps", steps=event_steps(event, 3), max_events=3,
             operators=[GrowthSpec("depth", n=q, where="interleave")],
-            new_warmup_steps=warm if name == "progressive_warm" else 0)
+            new_warmup_steps=warm if name == "progressive_warm" else 0,
+            lr_rewarm_steps=warm if name == "progressive_rewarm" else 0)
     if name == "one_layer":
         return dict(final, n_layer=1), GrowthConfig(trigger="steps", steps=[event], max_events=1,
                                                     operators=[GrowthSpec("depth", n=L - 1, where="top")])
@@ -400,7 +403,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup-frac", type=float, default=0.05, help="learning-rate warm-up (and progressive_warm's re-warm) as a fraction of the steps")
+    p.add_argument("--warmup-frac", type=float, default=0.05, help="learning-rate warm-up (and the progressive_warm / progressive_rewarm re-warms) as a fraction of the steps")
     p.add_argument("--noise", type=float, default=0.01, help="width growth's symmetry-breaking noise")
     p.add_argument("--eval-every", type=int, default=8)
     p.add_argument("--val-blocks", type=int, default=48)

@@ -30,6 +30,18 @@ def test_curve_interpolation():
     assert b.event_steps(12, 3) == [4, 8, 12] and b.event_steps(2, 3) == [1, 2, 3]  # distinct, never step 0
 
 
+def test_progressive_schedules_differ_only_in_their_re_warm():
+    b = _bench()
+    args = b.parse_args(["--quick"])
+    (shape, plain), (_, warm), (_, rewarm) = (b.schedule(n, args, 12, 3) for n in
+                                              ("progressive", "progressive_warm", "progressive_rewarm"))
+    assert shape["n_layer"] == args.layers // 4 and plain.steps == [4, 8, 12]
+    assert (plain.new_warmup_steps, plain.lr_rewarm_steps) == (0, 0)
+    assert (warm.new_warmup_steps, warm.lr_rewarm_steps) == (3, 0)  # the newest blocks' update only
+    assert (rewarm.new_warmup_steps, rewarm.lr_rewarm_steps) == (0, 3)  # every parameter's learning rate
+    assert rewarm.steps == plain.steps and rewarm.operators == plain.operators
+
+
 def test_quick_run(tmp_path):
     b = _bench()
     args = b.parse_args(["--quick", "--schedules", "depth_interleave", "width", "stack", "--event-frac", "0.5",

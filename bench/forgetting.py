@@ -11,10 +11,11 @@ the same for every variant but e, whose stream holds the replay blocks too. Vari
   a_full         full fine-tuning: no growth, every parameter trains
   b_top          identity blocks on top, base frozen (depth where=top init=copy, old_params=freeze_base): the main job
   c_interleave   identity blocks interleaved, base frozen (LLaMA-Pro, Wu et al. 2024)
-  d_top_kd       b + KD from the pre-growth snapshot (reg.kd_weight; T = 2). growlm re-takes the snapshot at
-                 every event, so after the first event the teacher is the partly trained grown model
+  d_top_kd       b + KD from the base model (reg.kd_weight, T = 2; reg.kd_teacher=base: the model before the
+                 first event, here the pretrained base, is the teacher for the whole run)
   e_top_replay   b + replay: a small buffer of general text (whole enwiki2015 articles) repeated into the
                  training stream so that a fixed fraction of the sampled blocks is general text
+                 (data.replay, data.replay_fraction)
   f_full_ewc     a + EWC (reg.ewc_lambda; Kirkpatrick et al. 2017) anchored at the base. growlm builds EWC at
                  growth events only, so with no growth the bench anchors it at step 0 itself
                  (`regularize.build_ewc`), the Fisher taken on general-text blocks (the old task's data)
@@ -25,9 +26,9 @@ over the held-out plays; the main job scores the first 48, which start with a ca
 ../shared/data/corpus/wikitext-2-raw/wiki.test.raw; its 62 article titles are disjoint from the enwiki2015
 train slice the replay buffer comes from) and on Python's language reference (`growlm.train.data.retention_text`,
 what run.retention_blocks scores). Per variant: fraction of full fine-tuning's Shakespeare perplexity drop
-(paired per seed), retention change in percent vs the base, executed FLOPs (the Trainer's count, plus the KD
-teacher's forward passes and the EWC Fisher, which the Trainer does not count; not the EWC penalty's few
-FLOPs per parameter per step) and wall time. EWC's lambda comes from `auto_lambda`. A variant is
+(paired per seed), retention change in percent vs the base, executed FLOPs (the Trainer's count, which includes
+the KD teacher's forward passes, plus the bench's own EWC Fisher for f; not the EWC penalty's few FLOPs per
+parameter per step) and wall time. EWC's lambda comes from `auto_lambda`. A variant is
 flagged when it keeps both retention perplexities within +3% of the base and gains >= 80% of full
 fine-tuning's improvement (issue 13, must-show 2).
 
@@ -41,7 +42,6 @@ from __future__ import annotations
 import argparse
 import bz2
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -63,9 +63,8 @@ from growlm.distill.prune import block_loss  # noqa: E402
 from growlm.growth import GrowthSpec  # noqa: E402
 from growlm.models.hf import load_model  # noqa: E402
 from growlm.train import GrowthConfig, OptimConfig, RegConfig, RunConfig, TrainConfig, Trainer  # noqa: E402
-from growlm.train.data import (DataConfig, Document, PackedData, prepare_data, retention_text, text_blocks,  # noqa: E402
-                               tokenize_documents)
-from growlm.train.flops import flops_per_token  # noqa: E402
+from growlm.train.data import DataConfig, Document, prepare_data, retention_text, text_blocks  # noqa: E402
+from growlm.train.flops import fisher_flops, flops_per_token  # noqa: E402
 from growlm.train.regularize import EWC, build_ewc  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "corpus"
@@ -100,24 +99,13 @@ def enwiki_articles(max_chars: int) -> list[Document]:
     return docs
 
 
-def with_replay(data: PackedData, buffer: np.ndarray, fraction: float) -> PackedData:
-    """The Shakespeare training stream followed by the replay buffer repeated to `fraction` of the combined
-    stream: the Trainer samples blocks uniformly, so about that fraction of every batch is general text. The
-    validation stream (Shakespeare) is unchanged. growlm's DataConfig reads one source (a folder mixes files
-    but splits every document between train and validation, and cannot weight sources), hence this."""
-    n = int(round(len(data.train) * fraction / (1 - fraction)))
-    reps = -(-n // len(buffer))
-    train = np.concatenate([np.asarray(data.train), np.tile(buffer.astype(data.train.dtype), reps)[:n]])
-    return dataclasses.replace(data, train=train, key=f"{data.key}+replay{fraction}")
-
-
 def warmup(steps: int) -> int:
     """The main job's 5 warm-up steps (they tame Adam's first, sign-like updates of the zeroed o/down
     projections), fewer only in runs too short for them."""
     return min(5, max(1, steps // 6))
 
 
-def make_config(name: str, v: dict, args, seed: int, work: Path) -> TrainConfig:
+def make_config(name: str, v: dict, args, seed: int, work: Path, replay: str | None = None) -> TrainConfig:
     s = args.steps
     every = args.growth_every or max(1, s // 3)  # the main job: events at 0, 30, 60 of 90
     growth = GrowthConfig()
@@ -125,12 +113,13 @@ def make_config(name: str, v: dict, args, seed: int, work: Path) -> TrainConfig:
         growth = GrowthConfig(trigger="schedule", start=0, every=every, max_events=3, old_params="freeze_base",
                               operators=[GrowthSpec("depth", n=2, where=v["growth"], init="copy")])
     return TrainConfig(
-        data=DataConfig(path=None, seq_len=args.seq_len, val_blocks=1, seed=1234 + seed),  # order per seed
+        data=DataConfig(path=None, seq_len=args.seq_len, val_blocks=1, seed=1234 + seed,  # order per seed
+                        replay=replay if v["replay"] else None, replay_fraction=args.replay_fraction if v["replay"] else 0.0),
         optim=OptimConfig(lr=3e-4, min_lr=0.0, warmup_steps=warmup(s), decay="cosine",
                           weight_decay=0.0, grad_clip=1.0),
         growth=growth,
-        reg=RegConfig(kd_weight=v["kd"], kd_temperature=2.0, ewc_lambda=args.ewc_lambda if v["ewc"] else 0.0,
-                      ewc_samples=args.ewc_samples),
+        reg=RegConfig(kd_weight=v["kd"], kd_temperature=2.0, kd_teacher="base",
+                      ewc_lambda=args.ewc_lambda if v["ewc"] else 0.0, ewc_samples=args.ewc_samples),
         run=RunConfig(max_steps=s, micro_batch=args.micro_batch, eval_every=s, log_every=1, seed=seed,
                       out_dir=str(work / f"{name}-s{seed}"), export_hf=False, peak_flops=0, keep_last=1,
                       retention_blocks=0),
@@ -151,7 +140,7 @@ def auto_lambda(fisher: dict[str, torch.Tensor], lr: float, steps: int, target: 
 
 
 def run_variant(name: str, v: dict, base, tok, data: dict, evals, ewc: EWC | None, args, seed: int, work: Path) -> dict:
-    cfg = make_config(name, v, args, seed, work)
+    cfg = make_config(name, v, args, seed, work, data.get("replay_path"))
     t0, c0 = time.perf_counter(), time.process_time()
     trainer = Trainer(cfg, copy.deepcopy(base), data["replay" if v["replay"] else "plain"], tok)
     if v["ewc"]:  # anchored at the base (growlm anchors EWC at growth events; full fine-tuning has none)
@@ -170,15 +159,10 @@ def run_variant(name: str, v: dict, base, tok, data: dict, evals, ewc: EWC | Non
     # a step's log interval also holds a growth event taken at the end of the step before: leave those out
     all_s = [tok_step / r["tok_s"] for r in steps]
     step_s = [t for r, t in zip(steps[1:], all_s[1:]) if r["step"] - 1 not in grown_at] or all_s[1:] or all_s
-    flops = steps[-1]["flops"]
+    flops = steps[-1]["flops"]  # the KD teacher's forward passes included (growlm.train.flops)
     extra = 0.0
-    if v["kd"] > 0:  # the teacher's forward per token, the snapshot of each event until the next
-        bounds = [e["step"] for e in res.events] + [args.steps]
-        for e, a, b in zip(res.events, bounds, bounds[1:]):
-            tcfg = dataclasses.replace(base.config, n_layer=e["before"]["n_layer"])
-            extra += (b - a) * tok_step * flops_per_token(tcfg, args.seq_len, training=False)
     if v["ewc"]:  # one forward and backward per Fisher sequence (computed once, counted in every run)
-        extra += args.ewc_samples * args.seq_len * flops_per_token(base.config, args.seq_len)
+        extra += fisher_flops(base, args.ewc_samples, args.seq_len)
     row = {"variant": name, "seed": seed, **{f"loss_{k}": l for k, l in loss.items()},
            **{f"ppl_{k}": math.exp(l) for k, l in loss.items()},
            "flops_trainer": flops, "flops": flops + extra, "wall_s": train_s + eval_s, "train_s": train_s,
@@ -299,13 +283,16 @@ def main() -> None:
     data = {"plain": shakespeare}
     if ENWIKI.is_file():
         arts = enwiki_articles(args.replay_chars)
-        buffer = tokenize_documents(arts, tok)
-        data["replay"] = with_replay(shakespeare, buffer, args.replay_fraction)
+        replay_path = work / "replay.jsonl"  # read by data.replay as any jsonl corpus
+        replay_path.write_text("".join(json.dumps({"text": a.text}) + "\n" for a in arts))
+        data["replay"] = prepare_data(DataConfig(path=None, seq_len=args.seq_len, val_fraction=0.05, seed=1234,
+                                                 replay=str(replay_path), replay_fraction=args.replay_fraction), tok)
+        data["replay_path"] = str(replay_path)
         ewc_blocks = text_blocks("\n\n".join(a.text for a in arts), tok, args.seq_len, args.ewc_samples)
         args.ewc_samples = ewc_blocks.shape[0]
         notes.append(f"replay buffer and EWC Fisher: the first {len(arts)} enwiki2015 train articles "
-                     f"({sum(len(a.text) for a in arts):,} characters, {len(buffer):,} tokens), repeated to "
-                     f"{args.replay_fraction:.0%} of the training stream")
+                     f"({sum(len(a.text) for a in arts):,} characters), repeated to {args.replay_fraction:.0%} of the "
+                     f"training stream ({data['replay'].n_replay:,} of {len(data['replay'].train):,} tokens)")
     else:
         names = [n for n in names if not VARIANTS[n]["replay"]]
         ewc_blocks = torch.stack([shakespeare.block("train", i, args.seq_len) for i in range(args.ewc_samples)])
@@ -343,9 +330,9 @@ def main() -> None:
                         f"{MAIN_JOB_STEPS} x 8 x 128, uniformly for every variant (growth every {args.growth_every or max(1, args.steps // 3)} "
                         f"steps from 0, warmup {warmup(args.steps)}), to fit ~30 minutes "
                         "on 2 cores") if scaled else None,
-        "notes": notes + ["d_top_kd: growlm re-takes the KD snapshot at every growth event (the base only until the second)",
+        "notes": notes + ["d_top_kd: KD from the base model for the whole run (reg.kd_teacher=base)",
                           "f_full_ewc: EWC anchored at the base by the bench (growlm anchors at growth events only)",
-                          "flops = the Trainer's executed FLOPs + the KD teacher's forward passes + the EWC Fisher",
+                          "flops = the Trainer's executed FLOPs (KD teacher's forward passes included) + the bench's EWC Fisher",
                           "wall_s = Trainer set-up, steps, the end-of-run checkpoint it always writes (weights, AdamW "
                           "state, KD snapshot, EWC Fisher and anchor) and the three measures; the Fisher (fisher_s) "
                           "is computed once for all seeds"],

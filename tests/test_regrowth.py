@@ -16,7 +16,7 @@ import torch
 from growlm.train import trainer as trainer_mod
 from growlm.errors import GrowlmError
 from growlm.models.model import GPT
-from growlm.train import GrowthConfig, RegConfig, Trainer, lr_at
+from growlm.train import GrowthConfig, RegConfig, Trainer, lr_at, setup, train
 from growlm.train.config import TrainConfig, config_differences, comparable
 from growlm.train.data import BlockSampler, ByteTokenizer, DataConfig, prepare_data
 from growlm.train.flops import flops_per_token
@@ -190,18 +190,29 @@ def test_replay_takes_its_fraction_of_the_training_stream_and_of_the_sampled_blo
     assert abs(other.n_replay / len(other.train) - 0.5) < 1e-3
 
 
-def test_replay_trains_through_the_cli_config(tmp_path):
-    main, replay = _texts(tmp_path)
-    cfg = TrainConfig.from_dict({
+def _replay_config(tmp_path, out: str, **run) -> TrainConfig:
+    main, replay = str(tmp_path / "main"), str(tmp_path / "replay.jsonl")  # written by _texts
+    return TrainConfig.from_dict({  # what `growlm train --config` reads
         "model": {"name": "tiny-llama", "init": "scratch", "overrides": {"vocab_size": 257}, "tokenizer": "bytes"},
         "data": {"path": main, "seq_len": 16, "val_fraction": 0.2, "cache_dir": str(tmp_path / "cache"),
                  "replay": replay, "replay_fraction": 0.3},
-        "run": {"max_steps": 2, "micro_batch": 2, "eval_every": 2, "out_dir": str(tmp_path / "out"), "peak_flops": 0,
-                "export_hf": False},
+        "run": {"max_steps": 4, "micro_batch": 2, "eval_every": 2, "log_every": 1, "save_every": 1, "out_dir": str(tmp_path / out),
+                "peak_flops": 0, "export_hf": False, "dtype": "float64", **run},
     })
-    from growlm.train import train
-    res = train(cfg)
-    assert res.step == 2 and math.isfinite(res.val_loss)
+
+
+def test_replay_run_resumes_exactly(tmp_path):
+    _texts(tmp_path)
+    full = train(_replay_config(tmp_path, "full"))
+    assert full.step == 4 and math.isfinite(full.val_loss)
+    cfg = _replay_config(tmp_path, "killed")
+    built = setup(cfg)
+    assert built.data.n_replay > 0
+    Trainer(cfg, built.model, built.data, built.tokenizer).fit(stop_after=2)
+    res = train(_replay_config(tmp_path, "killed", resume=True))  # rebuilds the replay stream from the config
+    for n, p in params(full.model).items():
+        assert torch.equal(p, params(res.model)[n]), n
+    assert metrics(tmp_path / "full" / "metrics.jsonl") == metrics(tmp_path / "killed" / "metrics.jsonl")
 
 
 @pytest.mark.parametrize("kw, needle", [

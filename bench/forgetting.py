@@ -1,12 +1,12 @@
-"""Learning new text without forgetting: SmolLM2-135M learns Shakespeare at equal steps by six recipes, and
+"""Learning new text without forgetting: SmolLM2-135M learns Shakespeare at equal steps by eight recipes, and
 each is scored on what it gained (Shakespeare) and what it kept (general text it never trained on).
 
 Every variant runs growlm's own `Trainer` from the same base weights, with the main job's settings
 (configs/grow-smollm2-shakespeare.yaml: AdamW lr 3e-4, cosine to 0, no weight decay, clip 1.0, three growth
 events of 2 identity blocks each, evenly spaced from step 0) scaled to the step budget: by default 30 steps of
-4 x 128 tokens instead of 90 of 8 x 128, the same for every variant, so that 6 variants x 2 seeds fit ~25
-minutes on 2 cores. The data split is the main job's (held-out plays); a seed sets the block order (data.seed),
-the same for every variant but e, whose stream holds the replay blocks too. Variants:
+4 x 128 tokens instead of 90 of 8 x 128, the same for every variant, so that 8 variants x 2 seeds fit ~35
+minutes on 2 quiet cores. The data split is the main job's (held-out plays); a seed sets the block order (data.seed),
+the same for every variant but e, g and h, whose stream holds the replay blocks too. Variants:
 
   a_full         full fine-tuning: no growth, every parameter trains
   b_top          identity blocks on top, base frozen (depth where=top init=copy, old_params=freeze_base): the main job
@@ -19,6 +19,8 @@ the same for every variant but e, whose stream holds the replay blocks too. Vari
   f_full_ewc     a + EWC (reg.ewc_lambda; Kirkpatrick et al. 2017) anchored at the base. growlm builds EWC at
                  growth events only, so with no growth the bench anchors it at step 0 itself
                  (`regularize.build_ewc`), the Fisher taken on general-text blocks (the old task's data)
+  g_full_replay  a + the replay of e: full fine-tuning that keeps seeing general text
+  h_top_kd_replay b + KD from the base + replay (d and e together: the base teaches on the replayed text too)
 
 Measures, on fixed block sets shared by all variants and computed with `growlm.distill.prune.block_loss`
 (mean token cross-entropy, the Trainer's own evaluation): Shakespeare validation perplexity (blocks spread evenly
@@ -79,6 +81,8 @@ VARIANTS = {
     "d_top_kd": dict(growth="top", kd=1.0, ewc=False, replay=False),
     "e_top_replay": dict(growth="top", kd=0.0, ewc=False, replay=True),
     "f_full_ewc": dict(growth=None, kd=0.0, ewc=True, replay=False),
+    "g_full_replay": dict(growth=None, kd=0.0, ewc=False, replay=True),
+    "h_top_kd_replay": dict(growth="top", kd=1.0, ewc=False, replay=True),
 }
 
 
@@ -172,7 +176,7 @@ def run_variant(name: str, v: dict, base, tok, data: dict, evals, ewc: EWC | Non
            "step_s": all_s, "params": res.model.num_params(),
            "trainable_params": steps[-1]["trainable_params"], "n_layer": res.model.config.n_layer,
            "growth_max_abs_val_delta": max((abs(e["val_loss_delta"]) for e in res.events), default=None)}
-    print(f"  {name:<13} seed {seed}: shakespeare {row['ppl_shakespeare']:7.2f}  wikitext {row['ppl_wikitext']:7.2f}  "
+    print(f"  {name:<15} seed {seed}: shakespeare {row['ppl_shakespeare']:7.2f}  wikitext {row['ppl_wikitext']:7.2f}  "
           f"pydoc {row['ppl_pydoc']:7.2f}  step {row['median_step_s'] or 0:5.2f} s  ({row['wall_s']:.0f} s)", flush=True)
     return row
 
@@ -341,13 +345,13 @@ def main() -> None:
                     "loadavg": os.getloadavg(), "torch": torch.__version__},
         "fisher_s": fisher_s, "wall_s": time.perf_counter() - t_start,
     }
-    print(f"\n{'variant':<13} {'shakespeare ppl':>22} {'of full':>8} {'wikitext %':>16} {'pydoc %':>16} "
+    print(f"\n{'variant':<15} {'shakespeare ppl':>22} {'of full':>8} {'wikitext %':>16} {'pydoc %':>16} "
           f"{'FLOPs':>8} {'wall s':>7}  must-show")
-    print(f"{'base':<13} {base_ppl['shakespeare']:22.2f} {'':>8} {base_ppl['wikitext']:16.2f} {base_ppl['pydoc']:16.2f}")
+    print(f"{'base':<15} {base_ppl['shakespeare']:22.2f} {'':>8} {base_ppl['wikitext']:16.2f} {base_ppl['pydoc']:16.2f}")
     for name, s in summary.items():
         sp, fr = s["ppl_shakespeare"], s.get("fraction_of_full")
         wt, pd = s["retention_wikitext_pct"], s["retention_pydoc_pct"]
-        print(f"{name:<13} {sp['mean']:8.2f} [{sp['min']:5.2f},{sp['max']:5.2f}] "
+        print(f"{name:<15} {sp['mean']:8.2f} [{sp['min']:5.2f},{sp['max']:5.2f}] "
               f"{(fr['mean'] if fr else float('nan')):8.2f} {wt['mean']:+6.1f} [{wt['min']:+.1f},{wt['max']:+.1f}] "
               f"{pd['mean']:+6.1f} [{pd['min']:+.1f},{pd['max']:+.1f}] {s['flops']['mean']:8.2e} "
               f"{s['wall_s']['mean']:7.0f}  {'yes' if s['meets_must_show'] else 'no'}")

@@ -229,6 +229,10 @@ def main() -> None:
                 if r.returncode != 0:
                     sys.exit(f"{kind} run ({malloc} malloc) failed:\n{r.stderr[-3000:]}")
                 runs[malloc] = [json.loads((Path(tmp) / f"{kind}_{i}.json").read_text()) for i in range(2)]
+            for i, x in enumerate(runs[malloc]):  # the block trace of rank 0 with the fixed threshold, compactly
+                t = x.pop("trace")
+                if malloc == "mmap" and i == 0:
+                    x["trace"] = " ".join(f"{label.replace(' ', '')}:{mb:.0f}" for label, mb in t)
         live = runs["mmap"]
         runtime = max(x["runtime_mb"] for x in live)
         p = plan(cfg, kind, 2, micro_batch=a.micro_batch, seq_len=a.seq_len, loss_chunk=a.loss_chunk, runtime=runtime * MB)

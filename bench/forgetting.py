@@ -1,12 +1,12 @@
-"""Learning new text without forgetting: SmolLM2-135M learns Shakespeare at equal steps by eight recipes, and
+"""Learning new text without forgetting: SmolLM2-135M learns Shakespeare at equal steps by ten recipes, and
 each is scored on what it gained (Shakespeare) and what it kept (general text it never trained on).
 
 Every variant runs growlm's own `Trainer` from the same base weights, with the main job's settings
 (configs/grow-smollm2-shakespeare.yaml: AdamW lr 3e-4, cosine to 0, no weight decay, clip 1.0, three growth
 events of 2 identity blocks each, evenly spaced from step 0) scaled to the step budget: by default 30 steps of
-4 x 128 tokens instead of 90 of 8 x 128, the same for every variant, so that 8 variants x 2 seeds fit ~35
+4 x 128 tokens instead of 90 of 8 x 128, the same for every variant, so that 10 variants x 2 seeds fit ~45
 minutes on 2 quiet cores. The data split is the main job's (held-out plays); a seed sets the block order (data.seed),
-the same for every variant but e, g and h, whose stream holds the replay blocks too. Variants:
+the same for every variant but e, g, h and j, whose stream holds the replay blocks too. Variants:
 
   a_full         full fine-tuning: no growth, every parameter trains
   b_top          identity blocks on top, base frozen (depth where=top init=copy, old_params=freeze_base): the main job
@@ -21,6 +21,8 @@ the same for every variant but e, g and h, whose stream holds the replay blocks 
                  (`regularize.build_ewc`), the Fisher taken on general-text blocks (the old task's data)
   g_full_replay  a + the replay of e: full fine-tuning that keeps seeing general text
   h_top_kd_replay b + KD from the base + replay (d and e together: the base teaches on the replayed text too)
+  i_interleave_lr c at lr 1e-3 instead of 3e-4: with the base frozen the rate moves only the new blocks
+  j_interleave_lr_kd_replay  i + KD from the base + replay
 
 Measures, on fixed block sets shared by all variants and computed with `growlm.distill.prune.block_loss`
 (mean token cross-entropy, the Trainer's own evaluation): Shakespeare validation perplexity (blocks spread evenly
@@ -83,6 +85,8 @@ VARIANTS = {
     "f_full_ewc": dict(growth=None, kd=0.0, ewc=True, replay=False),
     "g_full_replay": dict(growth=None, kd=0.0, ewc=False, replay=True),
     "h_top_kd_replay": dict(growth="top", kd=1.0, ewc=False, replay=True),
+    "i_interleave_lr": dict(growth="interleave", kd=0.0, ewc=False, replay=False, lr=1e-3),
+    "j_interleave_lr_kd_replay": dict(growth="interleave", kd=1.0, ewc=False, replay=True, lr=1e-3),
 }
 
 
@@ -119,7 +123,7 @@ def make_config(name: str, v: dict, args, seed: int, work: Path, replay: str | N
     return TrainConfig(
         data=DataConfig(path=None, seq_len=args.seq_len, val_blocks=1, seed=1234 + seed,  # order per seed
                         replay=replay if v["replay"] else None, replay_fraction=args.replay_fraction if v["replay"] else 0.0),
-        optim=OptimConfig(lr=3e-4, min_lr=0.0, warmup_steps=warmup(s), decay="cosine",
+        optim=OptimConfig(lr=v.get("lr", 3e-4), min_lr=0.0, warmup_steps=warmup(s), decay="cosine",
                           weight_decay=0.0, grad_clip=1.0),
         growth=growth,
         reg=RegConfig(kd_weight=v["kd"], kd_temperature=2.0, kd_teacher="base",
@@ -176,7 +180,7 @@ def run_variant(name: str, v: dict, base, tok, data: dict, evals, ewc: EWC | Non
            "step_s": all_s, "params": res.model.num_params(),
            "trainable_params": steps[-1]["trainable_params"], "n_layer": res.model.config.n_layer,
            "growth_max_abs_val_delta": max((abs(e["val_loss_delta"]) for e in res.events), default=None)}
-    print(f"  {name:<15} seed {seed}: shakespeare {row['ppl_shakespeare']:7.2f}  wikitext {row['ppl_wikitext']:7.2f}  "
+    print(f"  {name:<26} seed {seed}: shakespeare {row['ppl_shakespeare']:7.2f}  wikitext {row['ppl_wikitext']:7.2f}  "
           f"pydoc {row['ppl_pydoc']:7.2f}  step {row['median_step_s'] or 0:5.2f} s  ({row['wall_s']:.0f} s)", flush=True)
     return row
 
@@ -253,6 +257,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=1.2e11, help="FLOP/s of 2 quiet cores for the time estimate "
                    "(the main job's quiet run: 3.9e13 training + ~1.7e13 evaluation FLOPs in 436 s)")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="only summarise the rows of these runs' outputs")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "forgetting.json"))
     return p
 
@@ -263,6 +268,8 @@ def main() -> None:
     if args.quick:
         args.steps, args.micro_batch, args.seq_len, args.seeds, args.eval_blocks, args.ewc_samples = 2, 2, 64, [0], 2, 2
         args.replay_chars, args.threads = 20_000, args.threads or 1  # one thread: a shared machine's cores stay usable
+    if args.merge:
+        return merge(args.merge, args, defaults)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -324,7 +331,36 @@ def main() -> None:
     for seed in args.seeds:
         for name in names:
             rows.append(run_variant(name, VARIANTS[name], base, tok, data, evals, ewc, args, seed, work))
+            if not args.quick:  # a part file after every run: a run killed later keeps what it measured
+                part = {"partial": True, "base_ppl": base_ppl, "rows": rows, "notes": notes, "eval_flops": eval_flops,
+                        "fisher_s": fisher_s, "wall_s": time.perf_counter() - t_start, "settings": vars(args)}
+                Path(args.out).write_text(json.dumps(part, indent=1) + "\n")
     shutil.rmtree(work, ignore_errors=True)
+    finish(rows, base_ppl, notes, eval_flops, fisher_s, time.perf_counter() - t_start, args, defaults)
+
+
+def merge(paths: list[str], args, defaults) -> None:
+    """One table from the rows of several runs of this script (e.g. one process per seed: `--seeds 0 --out A`,
+    `--seeds 1 --out B`, then `--merge A B`): the base perplexities must agree, rows of the same (variant, seed)
+    must not repeat."""
+    parts = [json.loads(Path(x).read_text()) for x in paths]
+    base_ppl = parts[0]["base_ppl"]
+    if any(p["base_ppl"] != base_ppl for p in parts):
+        sys.exit("forgetting --merge: the parts measured different base perplexities (other settings or data)")
+    rows = [r for p in parts for r in p["rows"]]
+    keys = [(r["variant"], r["seed"]) for r in rows]
+    if len(set(keys)) != len(keys):
+        sys.exit("forgetting --merge: a (variant, seed) appears in two parts")
+    for k in ("steps", "micro_batch", "seq_len", "eval_blocks", "replay_fraction", "ewc_lambda", "ewc_samples"):
+        setattr(args, k, parts[0]["settings"][k])
+    args.seeds = sorted({r["seed"] for r in rows})
+    notes = parts[0]["notes"] + [f"merged from {len(parts)} runs: " + ", ".join(paths)]
+    finish(rows, base_ppl, notes, parts[0]["eval_flops"], max(p["fisher_s"] for p in parts),
+           sum(p["wall_s"] for p in parts), args, defaults)
+
+
+def finish(rows: list[dict], base_ppl: dict, notes: list[str], eval_flops: float, fisher_s: float, wall_s: float,
+           args, defaults) -> None:
     summary = summarise(rows, base_ppl, args.retention_max_pct, args.min_fraction)
     scaled = args.steps != MAIN_JOB_STEPS or args.micro_batch != 8
     out = {
@@ -343,15 +379,15 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "loadavg": os.getloadavg(), "torch": torch.__version__},
-        "fisher_s": fisher_s, "wall_s": time.perf_counter() - t_start,
+        "fisher_s": fisher_s, "wall_s": wall_s,
     }
-    print(f"\n{'variant':<15} {'shakespeare ppl':>22} {'of full':>8} {'wikitext %':>16} {'pydoc %':>16} "
+    print(f"\n{'variant':<26} {'shakespeare ppl':>22} {'of full':>8} {'wikitext %':>16} {'pydoc %':>16} "
           f"{'FLOPs':>8} {'wall s':>7}  must-show")
-    print(f"{'base':<15} {base_ppl['shakespeare']:22.2f} {'':>8} {base_ppl['wikitext']:16.2f} {base_ppl['pydoc']:16.2f}")
+    print(f"{'base':<26} {base_ppl['shakespeare']:22.2f} {'':>8} {base_ppl['wikitext']:16.2f} {base_ppl['pydoc']:16.2f}")
     for name, s in summary.items():
         sp, fr = s["ppl_shakespeare"], s.get("fraction_of_full")
         wt, pd = s["retention_wikitext_pct"], s["retention_pydoc_pct"]
-        print(f"{name:<15} {sp['mean']:8.2f} [{sp['min']:5.2f},{sp['max']:5.2f}] "
+        print(f"{name:<26} {sp['mean']:8.2f} [{sp['min']:5.2f},{sp['max']:5.2f}] "
               f"{(fr['mean'] if fr else float('nan')):8.2f} {wt['mean']:+6.1f} [{wt['min']:+.1f},{wt['max']:+.1f}] "
               f"{pd['mean']:+6.1f} [{pd['min']:+.1f},{pd['max']:+.1f}] {s['flops']['mean']:8.2e} "
               f"{s['wall_s']['mean']:7.0f}  {'yes' if s['meets_must_show'] else 'no'}")

@@ -198,6 +198,14 @@ class Block(nn.Module):
         return x
 
 
+def call_block(block: Block, *args) -> torch.Tensor:
+    """`block(*args)`: how `GPT` runs every block unless `GPT.block_call` stands in for it. A function of the
+    block rather than a method, so that one `torch.compile(call_block)` serves every block: with nn.Module
+    inlining (torch >= 2.5) the block's parameters are graph inputs, so all blocks of one shape share one
+    graph, and blocks added by depth growth reuse it (growlm.train.parallel.CompiledBlocks)."""
+    return block(*args)
+
+
 @dataclass
 class ModelOutput:
     logits: torch.Tensor
@@ -217,6 +225,8 @@ class GPT(nn.Module):
         self.norm_f = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.activation_checkpointing = False  # recompute each block in the backward (training only)
+        self.block_call: Callable[..., torch.Tensor] | None = None  # stands in for call_block (a compiled one) except
+        # with a KV cache (generation: a growing cache would recompile) or in a layer whose attention is returned
         self.reset_parameters()
 
     @classmethod
@@ -328,10 +338,11 @@ class GPT(nn.Module):
         ckpt = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
             attn = attns if i in attn_layers else None
+            call = self.block_call if self.block_call is not None and cache is None and attn is None else call_block
             if ckpt and attn is None:  # keep the block's input only; its activations are recomputed in the backward
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, causal, cache, i, None, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(call, block, x, rope, mask, causal, cache, i, None, use_reentrant=False)
             else:
-                x = block(x, rope, mask, causal, cache, i, attn)
+                x = call(block, x, rope, mask, causal, cache, i, attn)
             if states is not None:
                 states.append(x)
         return self.norm_f(x)

@@ -15,7 +15,7 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 from growlm.models.config import ModelConfig
-from growlm.models.model import GPT
+from growlm.models.model import GPT, call_block
 from growlm.train.config import RunConfig
 from growlm.train.precision import model_peak
 
@@ -73,6 +73,39 @@ class Compiled:
             self.failed(f"torch.compile failed ({type(e).__name__}: {msg}); training in eager mode")
             self.fn = self.module
             return self.module(*args, **kw)
+
+
+class CompiledBlocks:
+    """Stands in for `growlm.models.model.call_block` (set as `GPT.block_call`): every block through one
+    `torch.compile(call_block)`. With nn.Module inlining (the default since torch 2.5) a block's parameters
+    are graph inputs, not constants, so the blocks of one model share one graph per kind of call (training
+    with trainable weights, frozen weights, no_grad evaluation), and the blocks a depth growth adds, of the
+    same shape, reuse them: one block's compile time, once per run (torchtitan compiles per block for the
+    same reason). Width growth changes the shapes: those compile once more.
+
+    A compile that fails (no C++ compiler, an unsupported op) calls `failed(message)` once and every block
+    runs eagerly from then on; the call that failed is run again eagerly, so no step is lost."""
+
+    def __init__(self, failed: Callable[[str], None]) -> None:
+        self.fn, self.failed, self.ok = torch.compile(call_block), failed, True
+
+    def __call__(self, block: torch.nn.Module, *args: Any) -> torch.Tensor:
+        if self.ok:
+            try:
+                return self.fn(block, *args)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: train on, eagerly
+                self.ok = False
+                msg = (str(e).strip().splitlines() or [""])[0][:200]
+                self.failed(f"torch.compile failed ({type(e).__name__}: {msg}); training in eager mode")
+        return call_block(block, *args)
+
+    def __deepcopy__(self, memo: dict) -> "CompiledBlocks":
+        return self  # a copied model (the KD teacher snapshot) shares the compiled caller: it holds no weights
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (a step that adds one paid for a compile)."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
 def all_mean(t: torch.Tensor, world: int, device: str) -> torch.Tensor:

@@ -265,6 +265,26 @@ def test_one_compiled_graph_serves_every_block():
         _close(p.grad, grads[n], 1e-5, n)
 
 
+def test_compiled_blocks_under_activation_checkpointing_give_the_same_loss_and_gradients():
+    """The checkpoint is traced inside the compiled block (a compiled block inside a checkpoint would break the
+    checkpoint's recomputation)."""
+    from growlm.train.parallel import CompiledBlocks
+
+    model = GPT(tiny_config("llama", n_layer=3)).double()
+    x = torch.randint(0, 96, (2, 12))
+    out = []
+    for ckpt, compiled in ((False, False), (True, True)):
+        model.zero_grad()
+        model.activation_checkpointing = ckpt
+        model.block_call = CompiledBlocks(lambda m: pytest.fail(m)) if compiled else None
+        loss = model(x, targets=x)
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    _close(out[1][0], out[0][0], 1e-12, "loss")
+    for n, g in out[0][1].items():
+        _close(out[1][1][n], g, 1e-12, n)
+
+
 def test_generation_does_not_go_through_the_block_caller():
     """A KV cache grows every token (a compiled block would recompile each time): generate calls blocks directly."""
     model = GPT(tiny_config("llama")).eval()

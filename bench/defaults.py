@@ -1,21 +1,24 @@
 """The main job's training speed with growlm's current defaults against the settings it ran with before.
 
 The main job is configs/grow-smollm2-shakespeare.yaml: SmolLM2-135M, 8 x 128 tokens per step, two identity
-blocks on top at step 0 with the base frozen. Two `Trainer`s are built in one process from the same weights,
+blocks on top at step 0 with the base frozen. One `Trainer` per arm is built in one process from the same weights,
 data and seed:
 
 - before: run.autocast=none, run.loss_chunk=0 (the full (tokens, vocab) logits), run.compile=false;
-- now: the recipe with those three fields left at their defaults (autocast auto, loss_chunk 1024, compile auto);
-  `--compile` adds a third arm with run.compile=true.
+- now: the recipe with those three fields left at their defaults (autocast auto, loss_chunk 1024, compile auto,
+  which growlm.train.precision.choose_compile resolves for this job and machine: eager on CPU for a job this short);
+- now+blocks: the same with run.compile=blocks (every block through one shared compiled graph);
+  `--compile` adds a fourth arm with run.compile=true (the whole model; a cold compile adds minutes).
 
-Both grow at step 0 exactly as the job does (growlm's `grow_now`), then run `--warmup` untimed and `--steps`
-timed optimizer steps, one arm after the other with the order alternating each round, so that load from other
-processes falls on both alike. Reported: tokens/s from the median step time, the speed-up as the median of the
+Every arm grows at step 0 exactly as the job does (growlm's `grow_now`), then runs `--warmup` untimed and
+`--steps` timed optimizer steps, one arm after the other with the order rotating each round, so that load from
+other processes falls on all alike. A step that compiled (torch.compile built a graph during it) is reported
+as the arm's compile_s and is never timed; the warm-up covers it. Reported: tokens/s from the median step time, the speed-up as the median of the
 per-round ratios t_before / t_now with a 95% bootstrap interval over rounds, and the largest difference of the
 per-step training losses (the arms must compute the same run: to 1e-4). The machine line (CPU, instruction
 sets, threads, load averages) goes into the JSON with every step time.
 
-Run: python bench/defaults.py                       (~3-6 min on 2 cores; -> bench/results/defaults.json)
+Run: python bench/defaults.py                       (~5-7 min on 2 quiet cores; -> bench/results/defaults.json)
      python bench/defaults.py --steps 4 --warmup 1  (a quicker look)
 """
 
@@ -37,6 +40,7 @@ import yaml
 
 from growlm.train import TrainConfig, Trainer
 from growlm.train.build import setup
+from growlm.train.parallel import compiled_graphs
 from growlm.train.precision import cpu_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,13 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     recipe = yaml.safe_load(RECIPE.read_text())
     start, load0 = time.time(), os.getloadavg()
-    arms = {"before": BEFORE, "now": {}}
+    arms = {"before": BEFORE, "now": {}, "now+blocks": {"compile": "blocks"}}
     if args.compile:
         arms["now+compile"] = {"compile": True}
     infos: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         cfgs = {n: arm_config(recipe, Path(tmp), n, run, args.val_blocks) for n, run in arms.items()}
-        model, tok, data = setup(cfgs["before"])
+        built = setup(cfgs["before"])
+        model, tok, data = built.model, built.tokenizer, built.data
         trainers = {}
         for n, cfg in cfgs.items():
             t = Trainer(cfg, copy.deepcopy(model), data, tok,
@@ -99,13 +104,15 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.warmup + args.steps):
             for n in names[r % len(names):] + names[: r % len(names)]:
                 t = trainers[n]
-                compiling, t0 = t.step_model.pending, time.perf_counter()
+                graphs, t0 = compiled_graphs(), time.perf_counter()
                 rec = t.train_step()
                 dt = time.perf_counter() - t0
                 t.state.step += 1
                 losses[n].append(rec["loss"])
-                if compiling:  # the first step after compiling: its time is mostly the compile's
-                    compile_s[n] = dt
+                if compiled_graphs() > graphs:  # a step that compiled: its time is mostly the compile's
+                    compile_s[n] = compile_s.get(n, 0.0) + dt
+                    if r >= args.warmup:
+                        raise SystemExit(f"{n} compiled in timed round {r + 1}: raise --warmup")
                 last[n] = dt
                 if r >= args.warmup:
                     times[n].append(dt)

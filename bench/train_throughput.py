@@ -4,7 +4,10 @@ One training step = zero_grad, forward, cross-entropy, backward, AdamW step, on 
 weights (each side builds growlm's GPT from the same seed; the transformers side converts it with
 `growlm.models.hf.to_hf`, so step-0 losses must agree), the same batch and the same optimizer (fused AdamW, the
 default of transformers' Trainer for torch >= 2.8), in float32 or in bf16 autocast with float32 weights.
-A third row runs growlm under `torch.compile` (inductor), model and loss compiled together, optimizer eager.
+Three growlm sides: `growlm` (eager), `growlm+blocks` (run.compile=blocks: every transformer block through one
+shared compiled graph, what run.compile=auto picks on CPU for a run long enough to repay the compile, so the
+side that stands for growlm's defaults in a real run) and `growlm+compile` (run.compile=true: model and loss
+compiled together). The optimizer is eager on every side.
 
 Method (a shared 2-core CPU where timings drift by +-15% or more):
 - one spawned worker process per side for the whole run; for each (config, dtype) the sides are built and
@@ -56,7 +59,8 @@ from growlm.train.precision import SLOW_FACTOR, cpu_info, measure, model_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "bench" / "results" / "train_throughput.json"
-SIDES = ("growlm", "transformers", "growlm+compile")
+SIDES = ("growlm", "transformers", "growlm+blocks", "growlm+compile")
+COMPILED = ("growlm+blocks", "growlm+compile")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
 LOSS_CHUNK = RunConfig.loss_chunk  # growlm's default: run.loss_chunk
@@ -133,7 +137,7 @@ def _worker(conn, side: str, threads: int) -> None:
         torch.set_num_threads(threads)
         if side == "transformers":
             importlib.import_module("transformers")  # module memory is not training memory
-        if side == "growlm+compile":
+        if side in COMPILED:
             importlib.import_module("torch._inductor.compile_fx")
         _prime(side)
         conn.send({"imported": True})
@@ -174,7 +178,7 @@ def _run_worker_case(conn, side: str, spec: dict[str, Any]) -> None:
     from growlm.models.model import GPT
 
     if side == "growlm+compile":
-        torch._dynamo.reset()
+        torch._dynamo.reset()  # growlm+blocks keeps its graphs: a grown or repeated model of the same shapes reuses them
     device = spec["device"]
     cfg = ModelConfig.from_dict(spec["model"])
     base_rss = _proc_status_kb("VmRSS")
@@ -208,6 +212,13 @@ def _run_worker_case(conn, side: str, spec: dict[str, Any]) -> None:
 
     if side == "growlm+compile" and spec.get("compile", True):
         loss_fn = torch.compile(loss_fn)
+    if side == "growlm+blocks" and spec.get("compile", True):
+        from growlm.train.parallel import CompiledBlocks
+
+        def failed(message: str) -> None:
+            raise RuntimeError(message)  # a benchmark must not time the eager fallback under this side's name
+
+        model.block_call = CompiledBlocks(failed)
 
     g = torch.Generator().manual_seed(spec["seed"] + 1)
     data = torch.randint(0, cfg.vocab_size, (spec["batch"], spec["seq_len"] + 1), generator=g).to(device)
@@ -421,9 +432,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--configs", default=None, help="comma list of gpt2-small, llama-small, smollm2-135m (default all)")
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16 (bf16 = autocast, fp32 weights)")
     ap.add_argument("--sides", default=",".join(SIDES), help=f"comma list of {', '.join(SIDES)}")
-    ap.add_argument("--no-compile", action="store_true", help="leave out the growlm+compile rows")
+    ap.add_argument("--no-compile", action="store_true", help="leave out the growlm+blocks and growlm+compile rows")
     ap.add_argument("--compile-large", action="store_true",
-                    help="also compile smollm2-135m (a cold inductor compile takes ~3 min on 2 busy cores)")
+                    help="also run growlm+compile on smollm2-135m (a cold whole-model compile takes ~3 min on 2 busy "
+                         "cores; growlm+blocks runs on every config)")
     ap.add_argument("--adamw", choices=tuple(ADAMW), default="fused",
                     help="AdamW implementation on every side (fused: transformers' Trainer default for torch >= 2.8)")
     ap.add_argument("--loss-chunk", type=int, default=LOSS_CHUNK,
@@ -450,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = args.dtypes.split(",")
     sides = args.sides.split(",")
     if args.no_compile or args.quick:
-        sides = [s for s in sides if s != "growlm+compile"]
+        sides = [s for s in sides if s not in COMPILED]
     for n in names:
         if n not in all_cases:
             sys.exit(f"unknown config {n!r}; choose from {', '.join(all_cases)}")
@@ -539,7 +551,9 @@ def main(argv: list[str] | None = None) -> int:
             "step": "zero_grad + forward + cross_entropy + backward + AdamW step, same weights/batch/optimizer",
             "optimizer": {"name": "AdamW", "lr": 3e-4, "betas": [0.9, 0.95], "weight_decay": 0.1, **adamw},
             "bf16": "torch.autocast(bfloat16) with float32 weights and optimizer state",
-            "compile": "torch.compile (inductor) of model forward + loss; backward via AOTAutograd; optimizer eager",
+            "compile": "growlm+compile: torch.compile (inductor) of model forward + loss; growlm+blocks: every block "
+                       "through one torch.compile(call_block) (growlm.train.parallel.CompiledBlocks); backward via "
+                       "AOTAutograd; optimizer eager",
             "transformers_dropout": "set to 0 (growlm has none)",
             "speedup": "median over rounds of t_transformers / t_side, sides interleaved with rotating order; "
                        "speedup_ci95: 95% bootstrap interval of that median over the paired rounds",

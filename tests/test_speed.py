@@ -226,7 +226,87 @@ def test_compiled_training_equals_eager_across_a_growth_event(tmp_path):
     assert not any("compile_s" in json.loads(ln) for ln in (tmp_path / "eager" / "metrics.jsonl").read_text().splitlines())
 
 
-def test_a_failed_compile_falls_back_to_eager_with_one_warning(tmp_path, monkeypatch):
+GROW_DEPTH_AT_2 = dict(trigger="steps", steps=[2], operators=[{"operator": "depth", "n": 2, "where": "top"}])
+
+
+def test_block_compiled_training_equals_eager_across_a_depth_growth_event(tmp_path):
+    """run.compile=blocks: same losses to 1e-5 as eager over 4 steps with 2 blocks added at step 2; the added
+    blocks (same shapes) reuse the compiled graphs, so the only training step that compiles is the first one."""
+    model = GPT(tiny_config("llama"))
+    for name, comp in (("eager", False), ("blocks", "blocks")):
+        cfg = config(tmp_path, name, run=dict(max_steps=4, compile=comp, autocast="none"), growth=GROW_DEPTH_AT_2)
+        t = trainer(cfg, model)
+        assert t._compile == ("blocks" if comp else "none")
+        t.fit()
+    assert t.model.config.n_layer == 4 and t.model.block_call is not None  # grown, and still compiled
+    _assert_same_losses(_losses(tmp_path / "eager" / "metrics.jsonl"), _losses(tmp_path / "blocks" / "metrics.jsonl"), 1e-5)
+    recs = [json.loads(ln) for ln in (tmp_path / "blocks" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "compile_s" in r] == [1]
+
+
+def test_one_compiled_graph_serves_every_block():
+    """The premise of run.compile=blocks: blocks of one shape share a graph; their own weights are used."""
+    from growlm.train.parallel import CompiledBlocks, compiled_graphs
+
+    torch._dynamo.reset()
+    model = GPT(tiny_config("llama", n_layer=5, n_embd=40))  # shapes no other test compiles
+    x = torch.randint(0, 96, (2, 12))
+    ref = model(x, targets=x)
+    ref.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.block_call = CompiledBlocks(lambda m: pytest.fail(m))
+    before = compiled_graphs()
+    loss = model(x, targets=x)
+    loss.backward()
+    assert compiled_graphs() - before == 1  # one graph for 5 blocks
+    _close(loss, ref, 1e-6, "loss")
+    for n, p in model.named_parameters():
+        _close(p.grad, grads[n], 1e-5, n)
+
+
+def test_compiled_blocks_under_activation_checkpointing_give_the_same_loss_and_gradients():
+    """The checkpoint is traced inside the compiled block (a compiled block inside a checkpoint would break the
+    checkpoint's recomputation)."""
+    from growlm.train.parallel import CompiledBlocks
+
+    model = GPT(tiny_config("llama", n_layer=3)).double()
+    x = torch.randint(0, 96, (2, 12))
+    out = []
+    for ckpt, compiled in ((False, False), (True, True)):
+        model.zero_grad()
+        model.activation_checkpointing = ckpt
+        model.block_call = CompiledBlocks(lambda m: pytest.fail(m)) if compiled else None
+        loss = model(x, targets=x)
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    _close(out[1][0], out[0][0], 1e-12, "loss")
+    for n, g in out[0][1].items():
+        _close(out[1][1][n], g, 1e-12, n)
+
+
+def test_generation_does_not_go_through_the_block_caller():
+    """A KV cache grows every token (a compiled block would recompile each time): generate calls blocks directly."""
+    model = GPT(tiny_config("llama")).eval()
+    x = torch.randint(0, 96, (1, 5))
+    ref = model.generate(x, 4)
+    model.block_call = lambda *a: pytest.fail("block_call used with a KV cache")
+    torch.testing.assert_close(model.generate(x, 4), ref)
+
+
+@pytest.mark.parametrize("setting,device,parallel,seconds,expected", [
+    (True, "cpu", None, 0, "model"), (False, "cuda", None, 1e6, "none"), ("blocks", "cpu", None, 0, "blocks"),
+    ("auto", "cuda", None, 0, "model"), ("auto", "cpu", None, precision.COMPILE_MIN_SECONDS, "blocks"),
+    ("auto", "cpu", None, precision.COMPILE_MIN_SECONDS * 0.99, "none"), ("auto", "cpu", "ddp", 1e6, "blocks"),
+    ("auto", "cpu", "fsdp", 1e6, "none")])
+def test_compile_auto_rule(setting, device, parallel, seconds, expected):
+    assert precision.choose_compile(setting, device, parallel, seconds * 1e9, 1e9) == expected
+    if setting == "auto" and device == "cpu":
+        assert precision.choose_compile(setting, device, parallel, seconds * 1e9, 0.0) == "none"  # peak unknown
+
+
+@pytest.mark.parametrize("mode", [True, "blocks"])
+def test_a_failed_compile_falls_back_to_eager_with_one_warning(tmp_path, monkeypatch, mode):
     def broken_compile(module, **kw):
         def fail(*a, **k):
             raise RuntimeError("inductor: no C++ compiler found\nmore lines")
@@ -235,7 +315,7 @@ def test_a_failed_compile_falls_back_to_eager_with_one_warning(tmp_path, monkeyp
     monkeypatch.setattr(torch, "compile", broken_compile)
     model = GPT(tiny_config("gpt2"))
     infos = []
-    cfg = config(tmp_path, "broken", run=dict(max_steps=4, compile=True), growth=GROW_AT_2)
+    cfg = config(tmp_path, "broken", run=dict(max_steps=4, compile=mode), growth=GROW_AT_2)
     trainer(cfg, model, callback=lambda kind, rec: infos.append(rec["message"]) if kind == "info" else None).fit()
     trainer(config(tmp_path, "eager", run=dict(max_steps=4, compile=False), growth=GROW_AT_2), model).fit()
     assert len(infos) == 1 and "torch.compile failed (RuntimeError: inductor: no C++ compiler found)" in infos[0]

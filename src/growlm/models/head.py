@@ -110,7 +110,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                     g = _grad_logits(logp, tgt[s:e]).to(h.dtype)
                     _accumulate(g, h[s:e], w, scale[s:e], grad_h, grad_w, s, e)
         if eager:
-            ctx.save_for_backward(grad_h, grad_w)
+            ctx.grads = (grad_h, grad_w)  # not save_for_backward: the backward hands these very tensors on
         elif need_h or need_w:  # reduction="none": recompute in the backward
             ctx.save_for_backward(hidden, weight, tgt, valid, lses)
         ctx.eager, ctx.chunk, ctx.cdt, ctx.w_dtype = eager, chunk, cdt, weight.dtype
@@ -121,10 +121,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.eager:
-            grad_h, grad_w = ctx.saved_tensors
-            gh = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
-            gw = None if grad_w is None else (grad_w * grad_out.to(grad_w.dtype)).to(ctx.w_dtype)
+        if ctx.eager:  # scaled in place and handed over: no second (V, C) buffer at the start of the backward,
+            # when the activations peak (it would cost as much memory as the head's weight, 113 MB on SmolLM2)
+            if ctx.grads is None:
+                raise RuntimeError("the chunked cross-entropy's gradients were used by an earlier backward")
+            (grad_h, grad_w), ctx.grads = ctx.grads, None
+            gh = None if grad_h is None else grad_h.mul_(grad_out.to(grad_h.dtype))
+            gw = None if grad_w is None else grad_w.mul_(grad_out.to(grad_w.dtype)).to(ctx.w_dtype)
             return gh, gw, None, None, None, None, None, None
         hidden, weight, tgt, valid, lses = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

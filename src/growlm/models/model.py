@@ -198,6 +198,19 @@ class Block(nn.Module):
         return x
 
 
+def call_block(block: Block, *args) -> torch.Tensor:
+    """`block(*args)`. A function of the block rather than a method, so that one `torch.compile(call_block)`
+    serves every block: with nn.Module inlining (torch >= 2.5) the block's parameters are graph inputs, so all
+    blocks of one shape share one graph, and blocks added by depth growth reuse it (`GPT.block_call`,
+    growlm.train.parallel.CompiledBlocks)."""
+    return block(*args)
+
+
+def checkpointed_block(block: Block, *args) -> torch.Tensor:
+    """`block(*args)` keeping only its input for the backward; its activations are recomputed there."""
+    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+
+
 @dataclass
 class ModelOutput:
     logits: torch.Tensor
@@ -217,6 +230,10 @@ class GPT(nn.Module):
         self.norm_f = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.activation_checkpointing = False  # recompute each block in the backward (training only)
+        # block_call(fn, block, *args) runs fn(block, *args), fn = call_block or checkpointed_block (a compiled
+        # runner, growlm.train.parallel.CompiledBlocks); not with a KV cache (generation: a cache that grows every
+        # token would recompile) nor in a layer whose attention probabilities are returned
+        self.block_call: Callable[..., torch.Tensor] | None = None
         self.reset_parameters()
 
     @classmethod
@@ -328,10 +345,11 @@ class GPT(nn.Module):
         ckpt = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
             attn = attns if i in attn_layers else None
-            if ckpt and attn is None:  # keep the block's input only; its activations are recomputed in the backward
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, causal, cache, i, None, use_reentrant=False)
+            fn = checkpointed_block if ckpt and attn is None else call_block
+            if self.block_call is not None and cache is None and attn is None:
+                x = self.block_call(fn, block, x, rope, mask, causal, cache, i, None)
             else:
-                x = block(x, rope, mask, causal, cache, i, attn)
+                x = fn(block, x, rope, mask, causal, cache, i, attn)
             if states is not None:
                 states.append(x)
         return self.norm_f(x)

@@ -254,10 +254,12 @@ class RunConfig:
     loss_chunk: int = 1024
     """Tokens per chunk of the output head + cross-entropy: the (tokens, vocab) logits and their gradient are
     never built for more than this many tokens at once (0 = all at once). Same loss and gradients."""
-    compile: bool | Literal["auto"] = "auto"
-    """torch.compile the model and loss inside the loop (recompiled after each growth event; the compile time is
-    logged as compile_s and left out of tok_s; eager with one warning where compiling fails). auto = on CUDA only:
-    on CPU a cold compile costs minutes, more than a short run gains (bench/README.md)."""
+    compile: bool | Literal["auto", "blocks"] = "auto"
+    """torch.compile inside the loop. blocks = each transformer block through one shared compiled graph (compiled
+    once per run: blocks added by depth growth reuse it); true = the whole model and loss (recompiled after each
+    growth event); false = eager. Compile time is logged as compile_s and left out of tok_s; eager with one
+    warning where compiling fails. auto = true on CUDA; on CPU blocks where the run's FLOPs at the measured matmul
+    peak need at least 10 minutes (a cold compile costs 30-50 s and saves 2-8% of a step there), else false."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward instead of keeping them (less memory, ~1/3 more compute)."""
     peak_flops: float | None = None
@@ -275,8 +277,8 @@ class RunConfig:
             raise GrowlmError("run: save_every, max_nan_skips, retention_blocks and loss_chunk must be >= 0")
         if self.peak_flops is not None and not (self.peak_flops >= 0 and math.isfinite(self.peak_flops)):
             raise GrowlmError(f"run.peak_flops must be >= 0, got {self.peak_flops}")
-        if self.compile not in (True, False, "auto"):
-            raise GrowlmError(f"run.compile must be true, false or auto, got {self.compile!r}")
+        if self.compile not in (True, False, "auto", "blocks"):
+            raise GrowlmError(f"run.compile must be true, false, auto or blocks, got {self.compile!r}")
         if self.resume and self.overwrite:
             raise GrowlmError("run.resume and run.overwrite exclude each other: continue the run or replace it")
 

@@ -75,6 +75,42 @@ class Compiled:
             return self.module(*args, **kw)
 
 
+class CompiledBlocks:
+    """`GPT.block_call`: every block through `torch.compile(fn)`, fn = `call_block` (or `checkpointed_block`
+    under activation checkpointing: the checkpoint is traced inside the graph). With nn.Module inlining (the
+    default since torch 2.5) a block's parameters are graph inputs, not constants, so the blocks of one model
+    share one graph per kind of call (trainable weights, frozen weights, no_grad evaluation), and the blocks a
+    depth growth adds, of the same shapes, reuse them: one block's compile time, once per run (torchtitan
+    compiles per block for the same reason). Width growth changes the shapes: those compile once more.
+
+    A compile that fails (no C++ compiler, an unsupported op) calls `failed(message)` once and every block
+    runs eagerly from then on; the call that failed is run again eagerly, so no step is lost."""
+
+    def __init__(self, failed: Callable[[str], None]) -> None:
+        self.compiled: dict[Callable, Callable] = {}
+        self.failed, self.ok = failed, True
+
+    def __call__(self, fn: Callable[..., torch.Tensor], block: torch.nn.Module, *args: Any) -> torch.Tensor:
+        if self.ok:
+            try:
+                if fn not in self.compiled:
+                    self.compiled[fn] = torch.compile(fn)
+                return self.compiled[fn](block, *args)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: train on, eagerly
+                self.ok = False
+                msg = (str(e).strip().splitlines() or [""])[0][:200]
+                self.failed(f"torch.compile failed ({type(e).__name__}: {msg}); training in eager mode")
+        return fn(block, *args)
+
+    def __deepcopy__(self, memo: dict) -> "CompiledBlocks":
+        return self  # a copied model (the KD teacher snapshot) shares the compiled runner: it holds no weights
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (a step that adds one paid for a compile)."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
 def all_mean(t: torch.Tensor, world: int, device: str) -> torch.Tensor:
     """The mean of a (CPU) tensor over all ranks."""
     if world > 1:

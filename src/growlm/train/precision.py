@@ -19,6 +19,9 @@ more than SLOW_FACTOR times slower than float32, the full bf16 measurement is sk
 ratio stands for it (an AVX2-only machine would otherwise spend minutes on one bf16 head matmul). Each
 full shape runs at most `MAX_SECONDS` (after one warm-up run) or `REPEATS` times, and the best time counts,
 because on a shared machine other processes only ever make a run slower.
+
+The same reasoning, measured once and written down (COMPILE_MIN_SECONDS), decides `run.compile: auto`:
+`choose_compile`.
 """
 
 from __future__ import annotations
@@ -181,6 +184,34 @@ def choose_autocast(setting: str, cfg: ModelConfig, tokens: int, dtype: torch.dt
         warning = (f"run.autocast=bf16: bf16 matmuls on this model's shapes run at {ratio:.2f}x float32's rate on "
                    f"this machine ({_where(device)}); run.autocast=auto or none would be faster")
     return Precision("bf16", ratio, warning)
+
+
+COMPILE_MIN_SECONDS = 2000.0
+"""run.compile=auto compiles the blocks on CPU only where the run's training FLOPs at the measured matmul peak take
+at least this long (the upper end of the break-even range below, so that auto never makes a run slower). Measured on SmolLM2 (2-core AVX-512 Xeon, 1 thread, CPU seconds, inductor cache cold): the
+per-block compile costs 34 s (one graph: every block trains) to 46 s (three graphs: frozen base, first and
+later trainable blocks) and saves 2-8% of a step, so it pays after about 600-2000 s of eager steps; the FLOP
+estimate at the peak is about 0.6x of the eager time."""
+
+
+def choose_compile(setting: bool | str, device: str, parallel: str | None, run_flops: float, peak: float) -> str:
+    """Resolve run.compile to 'none', 'blocks' (each block through one shared compiled graph) or 'model' (the
+    whole model and loss compiled together, recompiled after every growth event).
+
+    true -> 'model', false -> 'none', 'blocks' -> 'blocks'. auto -> 'model' on CUDA; on CPU 'blocks' where the
+    run's training FLOPs `run_flops` at the matmul rate `peak` (FLOP/s) need at least COMPILE_MIN_SECONDS,
+    else 'none' (so are short runs and an unknown peak, <= 0). Not under FSDP on CPU (`parallel`: 'ddp' or
+    'fsdp' under torchrun, None alone): compiling FSDP-wrapped blocks there is untested.
+    """
+    if setting == "blocks":
+        return "blocks"
+    if setting is True or setting is False:
+        return "model" if setting else "none"
+    if device.startswith("cuda"):
+        return "model"
+    if parallel == "fsdp" or peak <= 0:
+        return "none"
+    return "blocks" if run_flops / peak >= COMPILE_MIN_SECONDS else "none"
 
 
 def model_peak(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: str, cache: Path | None = None,

@@ -65,7 +65,7 @@ from growlm.train.data import BlockSampler, PackedData, prepare_data, retention_
 from growlm.train.flops import executed_flops_per_token, fisher_flops, flops_per_token
 from growlm.train.optim import (build_optimizer, freeze_zero_update, lr_at, multiplied_step, rewarm_factor,
                                 transfer_adamw_state, update_multipliers)
-from growlm.train.precision import choose_autocast
+from growlm.train.precision import choose_autocast, choose_compile
 from growlm.train.regularize import EWC, build_ewc, kd_loss
 from growlm.train.state import PlateauTrigger, TrainState
 
@@ -136,7 +136,9 @@ class Trainer:
         self._rebuild_optimizer()
         if resume_from is not None:
             self._load(resume_from)
-        self._compile = r.compile is True or (r.compile == "auto" and self.device.startswith("cuda"))
+        self._compile = choose_compile(r.compile, self.device, r.parallel if self.world > 1 else None,
+                                       r.max_steps * self._flops_per_token() * tokens * r.grad_accum * self.world,
+                                       self.peak)  # 'none' | 'blocks' | 'model'
         self._compile_s = 0.0  # compile time not yet logged
         self._wrap()
 
@@ -144,11 +146,12 @@ class Trainer:
         """The module the loop calls: DDP around the model (world > 1), compiled where run.compile says so
         (again after each growth event: a grown model has other shapes; never again after a failure)."""
         def failed(message: str) -> None:
-            self._compile = False
+            self._compile = "none"
             self.callback("info", {"message": message})
         self.model.activation_checkpointing = self.cfg.run.activation_checkpointing
+        self.model.block_call = parallel.CompiledBlocks(failed) if self._compile == "blocks" else None
         self.ddp = parallel.wrap(self.model, self.world, self.device)
-        self.step_model = parallel.Compiled(self.ddp, self._compile, failed)
+        self.step_model = parallel.Compiled(self.ddp, self._compile == "model", failed)
 
     def _clean_run_folder(self, fresh: bool) -> None:
         """Remove what interrupted writes left (`.step_*.tmp*`, `.hf.tmp*`, ...); on an overwrite, the old run."""
@@ -424,10 +427,10 @@ class Trainer:
                 self.grow_now(self.state.base_val)
         self._t_last, self._tokens_last = time.perf_counter(), self.state.tokens
         while self.state.step < r.max_steps:
-            tokens_before, compiling, t0 = self.state.tokens, self.step_model.pending, time.perf_counter()
+            tokens_before, graphs, t0 = self.state.tokens, parallel.compiled_graphs(), time.perf_counter()
             step_rec = self.train_step()
             self.state.step += 1
-            if compiling:  # the first step after a compile is the compile's time: left out of tok_s, with its tokens
+            if parallel.compiled_graphs() > graphs:  # a step that compiled is the compile's time: left out of tok_s
                 dt = time.perf_counter() - t0
                 self._compile_s, self._t_last = self._compile_s + dt, self._t_last + dt
                 self._tokens_last += self.state.tokens - tokens_before

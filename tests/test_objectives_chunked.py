@@ -197,3 +197,27 @@ def test_distillation_run_with_loss_chunk_equals_one_without(tmp_path, targets, 
                 assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-6), (k, ra["step"])
                 steps += k == "kd"
     assert steps == 6 and calls == [5] * 6  # six training steps through the chunked path, none with loss_chunk 0
+
+
+def test_chunked_head_terms_under_bf16_autocast():
+    """bf16 autocast: the chunk's logits from a bf16 matmul, as F.linear under autocast, the terms in float32."""
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(30, 32, generator=g, requires_grad=True)
+    w = (torch.randn(90, 32, generator=g) * 0.3).requires_grad_()
+    zt = torch.randn(30, 90, generator=g)
+
+    def row_terms(z, s, e):
+        assert z.dtype == torch.float32
+        return (F.log_softmax(zt[s:e], -1).exp() * (F.log_softmax(zt[s:e], -1) - F.log_softmax(z, -1))).sum().unsqueeze(0) / 30
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, _ = chunked_head_terms(h, w, row_terms, (1.0,), chunk_size=0)
+        got, _ = chunked_head_terms(h, w, row_terms, (1.0,), chunk_size=7)
+    rg = torch.autograd.grad(ref, (h, w))
+    gg = torch.autograd.grad(got, (h, w))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)  # the same bf16 logits, fp32 loss
+    for r, o in zip(rg, gg):
+        assert o.dtype == torch.float32
+        torch.testing.assert_close(o, r, atol=2e-3, rtol=2e-2)  # bf16 gradient matmuls, summed in another order
+    fp32, _ = chunked_head_terms(h, w, row_terms, (1.0,), chunk_size=7)
+    assert (got - fp32).abs() > 1e-6  # the check above would fail if autocast were ignored

@@ -62,6 +62,7 @@ from torch.nn.utils.parametrizations import orthogonal
 from growlm.distill.targets import SparseTargets
 from growlm.errors import GrowlmError
 from growlm.models.config import ModelConfig
+from growlm.models.head import chunked_head_terms
 from growlm.models.model import ModelOutput
 
 LogitsKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv", "mse", "soft_ce"]
@@ -320,18 +321,26 @@ def sparse_kd_loss(student_logits: torch.Tensor, logprobs: torch.Tensor, ids: to
         raise GrowlmError(f"sparse KD kind must be one of {', '.join(SPARSE_KINDS)}, got {kind!r}")
     if not temperature > 0:
         raise GrowlmError(f"temperature must be > 0, got {temperature}")
+    per = sparse_divergence(_counted(student_logits, mask), _counted(logprobs, mask), _counted(ids, mask),
+                            _counted(rest_logmass, mask), temperature, kind, vocab_size)
+    return temperature**2 * _mean(per)
+
+
+def sparse_divergence(student_logits: torch.Tensor, logprobs: torch.Tensor, ids: torch.Tensor,
+                      rest_logmass: torch.Tensor, temperature: float = 1.0, kind: str = "forward_kl",
+                      vocab_size: int | None = None) -> torch.Tensor:
+    """The per-position loss (...,) of `sparse_kd_loss`, without the T^2 factor: student_logits (..., V'),
+    logprobs / ids (..., k), rest_logmass (...)."""
     log_q = _student_buckets(student_logits, ids, vocab_size)
     log_p = _teacher_buckets(logprobs, rest_logmass)
-    if temperature != 1.0:  # merge, then temper (see the docstring)
+    if temperature != 1.0:  # merge, then temper (see sparse_kd_loss)
         log_q = (log_q / temperature).log_softmax(-1)
         log_p = (log_p / temperature).log_softmax(-1)
     p = log_p.exp()
     cross = (p * log_q).sum(-1)  # p = 0 where log_q may be the finite fill: 0, not nan
     if kind == "ce":
-        per = -cross
-    else:
-        per = torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1) - cross
-    return temperature**2 * _mean(_counted(per, mask))
+        return -cross
+    return torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1) - cross
 
 
 @torch.no_grad()
@@ -538,3 +547,54 @@ class Objective(nn.Module):
             terms["attn"] = (cfg.attn_weight, total / len(self.attn_pairs))
         loss = sum(w * v for w, v in terms.values())
         return loss, {k: v.detach() for k, (_, v) in terms.items()}
+
+    def chunked_loss(self, hidden: torch.Tensor, weight: torch.Tensor,
+                     teacher: SparseTargets | tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None,
+                     targets: torch.Tensor, mask: torch.Tensor | None = None,
+                     chunk_size: int = 1024) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`forward`'s CE and logits terms from the student's final hidden states, `chunk_size` positions at a time.
+
+        hidden (B, T, C): the input of the student's head, weight (V_s, C) its weight; the student logits
+        F.linear(hidden, weight) and their gradient are never built for more than chunk_size positions at once
+        (`growlm.models.head.chunked_head_terms`). teacher: cached SparseTargets; or (teacher hidden (B, T, C_t),
+        teacher head weight (V, C_t)), whose logits are formed a chunk at a time too; or teacher logits (B, T, V);
+        or None (no KD term). Same value and gradients as `forward(F.linear(hidden, weight), ...)` to float
+        rounding; parts always has "ce" (logged even at ce_weight 0, where it adds nothing to the gradient).
+        chunk_size <= 0: all positions at once. Hidden-state and attention terms need `forward`."""
+        cfg = self.cfg
+        if self.hidden_pairs or self.attn_pairs:
+            raise GrowlmError("the chunked loss covers the CE and logits terms; hidden-state and attention terms need forward()")
+        B, T = hidden.shape[:2]
+        if mask is not None and mask.shape != (B, T):
+            raise GrowlmError(f"mask of shape {tuple(mask.shape)} does not match the positions {(B, T)}")
+        rows = torch.ones(B * T, dtype=torch.bool, device=hidden.device) if mask is None else mask.reshape(-1).bool()
+        n, y, kd = max(int(rows.sum()), 1), targets.reshape(-1), cfg.kd_weight > 0
+        sparse = teacher if isinstance(teacher, SparseTargets) else None
+        if kd and teacher is None:
+            raise GrowlmError("the distillation terms need the teacher's outputs")
+        if kd and sparse is not None:
+            if cfg.logits not in ("forward_kl", "soft_ce"):
+                raise GrowlmError(f"cached teacher targets give forward_kl and soft_ce only, not {cfg.logits}")
+            lp, ids, rest = (t.reshape(B * T, *t.shape[2:]) for t in sparse)
+        elif kd:  # the teacher's (hidden, head weight), whose logits are formed per chunk, or its logits
+            t_hidden, t_weight = (teacher[0].reshape(B * T, -1), teacher[1]) if isinstance(teacher, tuple) else (None, None)
+            t_logits = None if isinstance(teacher, tuple) else teacher.reshape(B * T, -1)
+        power = 2 if sparse is not None else TEMPERATURE_POWER[cfg.logits]
+        scale = cfg.temperature ** power / n
+
+        def row_terms(z: torch.Tensor, s: int, e: int) -> torch.Tensor:
+            m = rows[s:e]
+            zc = z[m]
+            ce = F.cross_entropy(zc, y[s:e][m], reduction="sum") / n
+            if not kd:
+                return ce.unsqueeze(0)
+            if sparse is not None:
+                per = sparse_divergence(zc, lp[s:e][m], ids[s:e][m], rest[s:e][m], cfg.temperature,
+                                        "ce" if cfg.logits == "soft_ce" else "forward_kl", self.teacher_vocab)
+            else:
+                zt = t_logits[s:e][m] if t_hidden is None else F.linear(t_hidden[s:e][m], t_weight.to(t_hidden.dtype))
+                per = logits_divergence(zc, zt.detach(), cfg.logits, cfg.temperature, cfg.beta, cfg.alpha)
+            return torch.stack([ce, per.sum() * scale])
+
+        loss, terms = chunked_head_terms(hidden, weight, row_terms, (cfg.ce_weight, cfg.kd_weight)[:1 + kd], chunk_size)
+        return loss, dict(zip(("ce", "kd"), terms))

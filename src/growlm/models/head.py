@@ -19,9 +19,16 @@ formed in the backward instead (the incoming gradient is then a vector), recompu
 
 Under autocast (bf16) the matmuls run in the autocast dtype as `F.linear` would, the logits, log-sum-exp
 and loss in float32 (or float64 for float64 inputs), and dW is accumulated in float32 over chunks.
+
+`chunked_head_terms` is the same pattern for any loss that is a sum over rows of a function of each row's
+logits (the distillation objectives of `growlm.distill.objectives`, where G is not softmax - onehot): the
+caller's `row_terms(z, s, e)` gives the terms of rows s:e from their logits z, and G = d(sum_k w_k term_k)/dz
+is taken by autograd on that (n, V) chunk alone, then multiplied into dh and dW as above.
 """
 
 from __future__ import annotations
+
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,20 +64,21 @@ def _grad_logits(logp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return g
 
 
-def _accumulate(g: torch.Tensor, h_c: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, grad_h: torch.Tensor | None,
-                grad_w: torch.Tensor | None, s: int, e: int) -> None:
+def _accumulate(g: torch.Tensor, h_c: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
+                grad_h: torch.Tensor | None, grad_w: torch.Tensor | None, s: int, e: int) -> None:
     """grad_h[s:e] = diag(scale) G W and grad_w += G^T diag(scale) h_c. The per-row scale (1/N_valid, 0 on ignored
-    rows, or the incoming gradient) multiplies the (n, C) operands, not the (n, V) G. Written in place where the
-    dtypes allow: no (V, C) temporary per chunk."""
-    sc = scale[:, None]
+    rows, or the incoming gradient; None = 1) multiplies the (n, C) operands, not the (n, V) G. Written in place
+    where the dtypes allow: no (V, C) temporary per chunk."""
+    sc = None if scale is None else scale[:, None]
     if grad_h is not None:
         if grad_h.dtype == g.dtype:
             torch.mm(g, w, out=grad_h[s:e])
-            grad_h[s:e] *= sc.to(grad_h.dtype)
+            if sc is not None:
+                grad_h[s:e] *= sc.to(grad_h.dtype)
         else:
-            grad_h[s:e] = (g @ w).to(grad_h.dtype) * sc.to(grad_h.dtype)
+            grad_h[s:e] = (g @ w).to(grad_h.dtype) * (1 if sc is None else sc.to(grad_h.dtype))
     if grad_w is not None:
-        hs = h_c * sc.to(h_c.dtype)
+        hs = h_c if sc is None else h_c * sc.to(h_c.dtype)
         if grad_w.dtype == g.dtype:
             grad_w.addmm_(g.t(), hs)
         else:
@@ -144,3 +152,71 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 g = _grad_logits(logp, tgt[s:e]).to(h.dtype)
                 _accumulate(g, h[s:e], w, scale[s:e], gh, gw, s, e)
         return gh, None if gw is None else gw.to(weight.dtype), None, None, None, None, None, None
+
+
+RowTerms = Callable[[torch.Tensor, int, int], torch.Tensor]
+"""row_terms(z, s, e) -> (K,): the K loss terms' contributions of rows s:e (of the flattened positions) computed
+from their logits z (e - s, V), float32 (float64 for float64 inputs). Each term must be a sum over rows (a
+mean divides by the global count), so that the chunks add up to the whole."""
+
+
+def chunked_head_terms(hidden: torch.Tensor, weight: torch.Tensor, row_terms: RowTerms, weights: Sequence[float],
+                       chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total, terms): terms (K,) = the sum over chunks of `row_terms` on the logits `hidden @ weight.T`,
+    total = sum_k weights[k] terms[k], differentiable w.r.t. hidden and weight; terms is detached.
+
+    hidden (N, C) or (..., C) (flattened to rows in order), weight (V, C). Never more than `chunk_size` rows of
+    logits and their gradient at once: G = d total / dz per chunk by autograd on that chunk alone, then
+    dh = G W, dW += G^T h (see the module docstring). chunk_size <= 0 is the plain path: all logits at once
+    through autograd, the reference it equals to float rounding. Nothing in `row_terms` may need a gradient
+    other than through z (teacher tensors it reads are constants).
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])
+    if chunk_size <= 0:
+        z = F.linear(h, weight)
+        terms = row_terms(z.to(torch.promote_types(z.dtype, torch.float32)), 0, h.shape[0])
+        w = torch.as_tensor(list(weights), dtype=terms.dtype, device=terms.device)
+        return (w * terms).sum(), terms.detach()
+    dev = h.device.type
+    cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and h.dtype != torch.float64 else None
+    return _ChunkedHeadTerms.apply(h, weight, row_terms, tuple(weights), int(chunk_size), cdt, torch.is_grad_enabled())
+
+
+class _ChunkedHeadTerms(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, row_terms, weights, chunk, cdt, grad):
+        need_h, need_w = grad and ctx.needs_input_grad[0], grad and ctx.needs_input_grad[1]
+        with torch.autocast(hidden.device.type, enabled=False):
+            h = hidden if cdt is None else hidden.to(cdt)
+            w = weight if cdt is None else weight.to(cdt)
+            ldt = torch.promote_types(h.dtype, torch.float32)
+            wk = torch.tensor(weights, dtype=ldt, device=h.device)
+            terms = torch.zeros(len(weights), dtype=ldt, device=h.device)
+            grad_h = torch.zeros_like(hidden) if need_h else None  # rows whose terms do not depend on z stay 0
+            grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, ldt), device=w.device) if need_w else None
+            for s in range(0, h.shape[0], chunk):
+                e = min(s + chunk, h.shape[0])
+                z = F.linear(h[s:e], w).to(ldt)  # (n, V): the only logits alive
+                if not (need_h or need_w):
+                    terms += row_terms(z, s, e).detach()
+                    continue
+                with torch.enable_grad():
+                    z.requires_grad_(True)
+                    t = row_terms(z, s, e)
+                    total = (wk * t).sum()
+                    g = torch.autograd.grad(total, z, allow_unused=True)[0] if total.requires_grad else None
+                terms += t.detach()
+                del z
+                if g is not None:
+                    _accumulate(g.to(h.dtype), h[s:e], w, None, grad_h, grad_w, s, e)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype = weight.dtype
+        ctx.mark_non_differentiable(terms)
+        return (wk * terms).sum(), terms
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_terms):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
+        gw = None if grad_w is None else (grad_w * grad_out.to(grad_w.dtype)).to(ctx.w_dtype)
+        return gh, gw, None, None, None, None, None

@@ -14,6 +14,7 @@ import contextlib
 from typing import Any, Callable
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from growlm.distill.objectives import Objective, next_token_loss
 from growlm.distill.targets import SparseTargets, TeacherTargets, build_targets, teacher_fingerprint
@@ -56,18 +57,31 @@ class Distillation:
     def loss(self, student: Callable[..., Any], x: torch.Tensor, y: torch.Tensor, blocks: list[int] | None,
              autocast: Callable[[], Any] = contextlib.nullcontext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The objective between `student(x)` (the model or its DDP wrapper) and the teacher on the same
-        batch, or the cached targets of the training blocks `blocks`. parts["ce"] is always there (logged)."""
+        batch, or the cached targets of the training blocks `blocks`. parts["ce"] is always there (logged).
+
+        With run.loss_chunk > 0, a single-process student (no DDP / FSDP wrapper: those see the head only
+        inside forward()) and logits terms only, the loss is `Objective.chunked_loss` on the final hidden
+        states: neither the student's nor the teacher's B x T x V logits are built at once."""
         o = self.objective
         rich = o.needs_hidden_states or bool(o.student_attention_layers)
+        chunk = self.cfg.run.loss_chunk
+        if chunk > 0 and not rich and isinstance(student, GPT) and not isinstance(student, FSDPModule):
+            with autocast():
+                h = student.hidden(x)
+                t: Any = None
+                if self.targets is not None and o.needs_teacher:
+                    t = SparseTargets(*self.targets.get(self._blocks(blocks), self.device))
+                elif o.needs_teacher:
+                    with torch.no_grad():
+                        t = (self.teacher.hidden(x), self.teacher.head_weight)
+                return o.chunked_loss(h, student.head_weight, t, y, chunk_size=chunk)
         with autocast():
             out = student(x, output_hidden_states=o.needs_hidden_states,
                           attention_layers=o.student_attention_layers) if rich else student(x)
             if not o.needs_teacher:
                 t_out = None
             elif self.targets is not None:
-                if blocks is None:
-                    raise GrowlmError("cached teacher targets need the block indices of the batch")
-                t_out: Any = SparseTargets(*self.targets.get(blocks, self.device))
+                t_out: Any = SparseTargets(*self.targets.get(self._blocks(blocks), self.device))
             else:
                 with torch.no_grad():
                     t_out = self.teacher(x, output_hidden_states=o.needs_hidden_states,
@@ -77,6 +91,12 @@ class Distillation:
             logits = out if isinstance(out, torch.Tensor) else out.logits
             parts["ce"] = next_token_loss(logits.detach(), y)
         return loss, parts
+
+    @staticmethod
+    def _blocks(blocks: list[int] | None) -> list[int]:
+        if blocks is None:
+            raise GrowlmError("cached teacher targets need the block indices of the batch")
+        return blocks
 
     def extra_flops_per_token(self) -> float:
         """The teacher's forward FLOPs per token when it runs every step (0 with cached targets or no teacher term)."""

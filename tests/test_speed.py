@@ -155,7 +155,8 @@ def test_autocast_auto_picks_bf16_only_where_measured_faster(tmp_path, bf16_rate
     assert precision.choose_autocast("auto", cfg, 64, torch.float64, "cpu", tmp_path / "p.json", fake_timer(400e9)).autocast == "none"
 
 
-def test_precision_cache_is_reused_and_keyed_by_shapes(tmp_path):
+def test_precision_cache_is_reused_and_keyed_by_shapes(tmp_path, monkeypatch):
+    monkeypatch.setattr(precision, "cpu_load", lambda: 0.1)
     cache, calls = tmp_path / "p.json", []
     cfg = tiny_config("gpt2")
     a = precision.measure(precision.model_shapes(cfg, 32), ("float32", "bfloat16"), "cpu", cache, fake_timer(200e9, calls))
@@ -167,6 +168,33 @@ def test_precision_cache_is_reused_and_keyed_by_shapes(tmp_path):
     assert len(calls) > n  # other shapes: measured
     key = next(iter(json.loads(cache.read_text())))
     assert f"{torch.get_num_threads()}threads" in key and torch.__version__ in key
+
+
+def test_a_rate_measured_busy_is_measured_again_when_quieter(tmp_path, monkeypatch):
+    """A peak cached under load (MFU would read > 100% ever after) is re-measured once the load halves; the faster
+    rate is kept, and a quiet measurement is never redone."""
+    cache, calls, shapes = tmp_path / "p.json", [], precision.model_shapes(tiny_config("gpt2"), 32)
+
+    def flat(rate, calls):  # every matmul at `rate` FLOP/s
+        return lambda m, k, n, dtype, device: calls.append((m, k, n, dtype)) or rate
+    load = {"now": 1.5}
+    monkeypatch.setattr(precision, "cpu_load", lambda: load["now"])
+    busy = precision.measure(shapes, ("float32",), "cpu", cache, flat(50e9, calls))
+    assert busy["float32"]["flops"] == pytest.approx(50e9)
+    load["now"] = 1.0  # still busy, not half as busy: the entry stands
+    n = len(calls)
+    assert precision.measure(shapes, ("float32",), "cpu", cache, flat(200e9, calls)) == busy and len(calls) == n
+    load["now"] = 0.2
+    quiet = precision.measure(shapes, ("float32",), "cpu", cache, flat(200e9, calls))
+    assert quiet["float32"]["flops"] == pytest.approx(200e9) and len(calls) > n
+    n = len(calls)
+    assert precision.measure(shapes, ("float32",), "cpu", cache, flat(10e9, calls)) == quiet and len(calls) == n
+    entry = next(iter(json.loads(cache.read_text()).values()))
+    assert entry["load"] == 0.2
+    entry.pop("load")  # written before loads were recorded: measured once more, the faster rate kept
+    cache.write_text(json.dumps({next(iter(json.loads(cache.read_text()))): entry}))
+    again = precision.measure(shapes, ("float32",), "cpu", cache, flat(10e9, calls))
+    assert again["float32"]["flops"] == pytest.approx(200e9) and len(calls) > n
 
 
 def test_slow_bf16_is_probed_small_and_not_measured_in_full(tmp_path):

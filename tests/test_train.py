@@ -380,6 +380,24 @@ def test_flops_per_token_counts_every_matmul(family):
     assert flops_per_token(cfg, 16, training=False) == pytest.approx((6 * (linear + head) + attn) / 3)
 
 
+def test_tokens_per_second_leaves_out_evaluation_growth_and_saving(tmp_path, monkeypatch):
+    # tok/s and MFU are the training steps' rate: a slow evaluation, growth event or checkpoint must not lower them
+    # (the main job's MFU read 43-56% on the steps whose interval held a validation pass, 77-97% on the others)
+    import time
+    slow = lambda f: (lambda *a, **k: (time.sleep(0.4), f(*a, **k))[1])  # noqa: E731
+    monkeypatch.setattr(Trainer, "evaluate", slow(Trainer.evaluate))
+    monkeypatch.setattr(Trainer, "save", slow(Trainer.save))
+    monkeypatch.setattr(Trainer, "grow_now", slow(Trainer.grow_now))
+    cfg = config(tmp_path, run=dict(eval_every=1, save_every=1),
+                 growth=dict(trigger="steps", steps=[2, 4], operators=[{"operator": "depth", "n": 1}]))
+    trainer(cfg, GPT(tiny_config())).fit()
+    recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if r.get("kind") == "train" and r["step"] > 0]
+    assert len(steps) == 6 and sum(r.get("kind") == "growth" for r in recs) == 2
+    # each interval is one step of 16 tokens on a tiny model (milliseconds); 0.4 s or more would mean the sleeps count
+    assert all(16 / r["tok_s"] < 0.3 for r in steps), [16 / r["tok_s"] for r in steps]
+
+
 # -- bad input through the CLI -----------------------------------------------------------------------------------
 def _yaml(tmp_path, name: str, text: str):
     p = tmp_path / f"{name}.yaml"

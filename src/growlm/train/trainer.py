@@ -434,16 +434,18 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 self._compile_s, self._t_last = self._compile_s + dt, self._t_last + dt
                 self._tokens_last += self.state.tokens - tokens_before
-            val = None
+            val, t_aside = None, time.perf_counter()  # evaluation, growth and saving: left out of tok_s and MFU
             if self.state.step % r.eval_every == 0 or self.state.step == r.max_steps:
                 val = self.evaluate()
                 self.state.last_val = val
                 if self.state.best_val is None or val < self.state.best_val:
                     self.state.best_val = val
+            self._t_last += time.perf_counter() - t_aside
             if self.state.step % r.log_every == 0 or val is not None or self.state.step == r.max_steps:
                 rec = self._log_record(step_rec, val)
                 self._write_metrics(rec)
                 self.callback("log", rec)
+            t_aside = time.perf_counter()
             if self.growth_due(val):
                 self.grow_now(val)
             finite = self.state.nan_consecutive == 0 and (val is None or math.isfinite(val))
@@ -454,6 +456,7 @@ class Trainer:
                                   f"{self._keep_checkpoint_before(bad)}")
             if finite and ((r.save_every and self.state.step % r.save_every == 0) or self.state.step == r.max_steps):
                 self.save(val)  # never from a non-finite streak: the last checkpoint before it is kept
+            self._t_last += time.perf_counter() - t_aside
             if stop_after is not None and self.state.step >= stop_after:
                 break
         if self.state.step == r.max_steps and r.retention_blocks > 0:

@@ -226,6 +226,36 @@ def summarise(rows: list[dict], base_ppl: dict[str, float], retention_max_pct: f
     return out
 
 
+def tradeoff_figure(summary: dict, retention_max_pct: float, min_fraction: float):
+    """Gain (share of full fine-tuning's Shakespeare drop) against the worse of the two retention changes, one
+    point per variant with its min-max over seeds; the issue's target is the shaded corner."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8.5, 5.5))
+    ax = fig.add_subplot()
+    ax.axhline(retention_max_pct, color="#2ca02c", lw=1, ls="--", label=f"retention +{retention_max_pct:g}%")
+    ax.axvline(min_fraction, color="#2ca02c", lw=1, ls=":", label=f"{min_fraction:.0%} of full fine-tuning's gain")
+    for name, v in summary.items():
+        if "fraction_of_full" not in v:
+            continue
+        fr = v["fraction_of_full"]
+        worse = max(("wikitext", "pydoc"), key=lambda k: v[f"retention_{k}_pct"]["mean"])
+        rt = v[f"retention_{worse}_pct"]
+        ax.errorbar(fr["mean"], rt["mean"], xerr=[[fr["mean"] - fr["min"]], [fr["max"] - fr["mean"]]],
+                    yerr=[[rt["mean"] - rt["min"]], [rt["max"] - rt["mean"]]], fmt="o", ms=4, capsize=2,
+                    color="#d62728" if v["meets_must_show"] else "#1f77b4")
+        ax.annotate(name.split("_")[0], (fr["mean"], rt["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=9)
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    ax.fill_between([min_fraction, x1], y0, retention_max_pct, color="#2ca02c", alpha=0.08, lw=0)
+    ax.set_xlim(x0, x1), ax.set_ylim(y0, y1)
+    ax.set_xlabel("Shakespeare gain: share of full fine-tuning's perplexity drop")
+    ax.set_ylabel("retention: worse of WikiText-2 / Python docs, % vs base")
+    ax.set_title("Learning Shakespeare without forgetting (SmolLM2-135M, mean and min-max over seeds)")
+    ax.legend(loc="upper left", fontsize=9)
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def estimate_full_s(rows: list[dict], args, eval_flops: float, d: argparse.Namespace, rate: float) -> float:
     """Wall time of the default run on cores of `rate` FLOP/s: each variant's executed FLOPs per trained token
     (from these rows) times the default token budget, the Fisher and the evaluations, plus 8 s per run of
@@ -267,6 +297,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="only summarise the rows of these runs' outputs")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "forgetting.json"))
+    p.add_argument("--plot", default=str(ROOT / "docs" / "forgetting" / "tradeoff.png"),
+                   help="gain vs retention scatter of the variants ('' = none)")
     return p
 
 
@@ -411,6 +443,9 @@ def finish(rows: list[dict], base_ppl: dict, notes: list[str], eval_flops: float
     if not args.quick:
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {args.out}")
+        if args.plot:
+            from growlm.report.plots import save
+            print(f"wrote {save(tradeoff_figure(summary, args.retention_max_pct, args.min_fraction), Path(args.plot))}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The main job's training speed with growlm's current defaults against the settings it ran with before.
 
 The main job is configs/grow-smollm2-shakespeare.yaml: SmolLM2-135M, 8 x 128 tokens per step, two identity
-blocks on top at step 0 with the base frozen. One `Trainer` per arm is built in one process from the same weights,
+blocks at step 0 with the base frozen (interleaved since 2026-12-03; on top in the results measured before
+that). One `Trainer` per arm is built in one process from the same weights,
 data and seed:
 
 - before: run.autocast=none, run.loss_chunk=0 (the full (tokens, vocab) logits), run.compile=false;

@@ -26,7 +26,7 @@ budget: the KD gain needs steps more than tokens per step.
 both see the same machine load (`--timing-only` runs just that phase and updates the JSON);
 `cache_speedup_expected` = (teacher forward + student step FLOPs) / student step FLOPs (`growlm.train.flops`).
 
-Run: python bench/distill.py                 (~21 min on 2 quiet cores, estimated; writes bench/results/distill.json)
+Run: python bench/distill.py                 (~28 min on 2 quiet cores: 24 for the arms, 4 for 6 timing rounds; writes bench/results/distill.json)
      python bench/distill.py --quick         (a minute: 2 layers, 3 steps; checks the script, not the claim)
 """
 
@@ -174,7 +174,7 @@ def main() -> None:
     p.add_argument("--chars", type=int, default=140_000, help="characters of general text (whole articles) to train and validate on")
     p.add_argument("--val-blocks", type=int, default=16)
     p.add_argument("--val-fraction", type=float, default=0.3)
-    p.add_argument("--timing-rounds", type=int, default=3)
+    p.add_argument("--timing-rounds", type=int, default=6)
     p.add_argument("--timing-steps", type=int, default=8)
     p.add_argument("--timing-micro-batch", type=int, default=4,
                    help="sequences per step in the timing phase (the speed-up of a step that is mostly matmuls, "

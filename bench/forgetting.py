@@ -1,12 +1,12 @@
-"""Learning new text without forgetting: SmolLM2-135M learns Shakespeare at equal steps by thirteen recipes, and
+"""Learning new text without forgetting: SmolLM2-135M learns Shakespeare at equal steps by fourteen recipes, and
 each is scored on what it gained (Shakespeare) and what it kept (general text it never trained on).
 
 Every variant runs growlm's own `Trainer` from the same base weights, with the main job's settings
 (configs/grow-smollm2-shakespeare.yaml: AdamW lr 3e-4, cosine to 0, no weight decay, clip 1.0, three growth
 events of 2 identity blocks each, evenly spaced from step 0) scaled to the step budget: by default 30 steps of
-4 x 128 tokens instead of 90 of 8 x 128, the same for every variant, so that 13 variants x 2 seeds fit ~60
+4 x 128 tokens instead of 90 of 8 x 128, the same for every variant, so that 14 variants x 2 seeds fit ~60
 minutes on 2 quiet cores. The data split is the main job's (held-out plays); a seed sets the block order (data.seed),
-the same for every variant but e, g, h, j, k and l, whose stream holds the replay blocks too. Variants:
+the same for every variant but e, g, h, j, k, l and n, whose stream holds the replay blocks too. Variants:
 
   a_full         full fine-tuning: no growth, every parameter trains
   b_top          identity blocks on top, base frozen (depth where=top init=copy, old_params=freeze_base): the main job
@@ -26,6 +26,7 @@ the same for every variant but e, g, h, j, k and l, whose stream holds the repla
   k_interleave_lr_replay     i + replay
   l_interleave_lr_kd03_replay  i + KD from the base at weight 0.3 + replay
   m_interleave_lr_kd03         i + KD from the base at weight 0.3, no replay (needs no text beyond the new domain)
+  n_interleave_lr_kd04_replay  l with KD weight 0.4 (between l and j on the gain/retention line)
 
 Measures, on fixed block sets shared by all variants and computed with `growlm.distill.prune.block_loss`
 (mean token cross-entropy, the Trainer's own evaluation): Shakespeare validation perplexity (blocks spread evenly
@@ -93,6 +94,7 @@ VARIANTS = {
     "k_interleave_lr_replay": dict(growth="interleave", kd=0.0, ewc=False, replay=True, lr=1e-3),
     "l_interleave_lr_kd03_replay": dict(growth="interleave", kd=0.3, ewc=False, replay=True, lr=1e-3),
     "m_interleave_lr_kd03": dict(growth="interleave", kd=0.3, ewc=False, replay=False, lr=1e-3),
+    "n_interleave_lr_kd04_replay": dict(growth="interleave", kd=0.4, ewc=False, replay=True, lr=1e-3),
 }
 
 

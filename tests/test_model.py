@@ -158,3 +158,96 @@ def test_positions_beyond_the_context_are_rejected():
         m(torch.zeros(1, 3, dtype=torch.long), pos=torch.tensor([0, 1, 8]))
     # a packed row may be longer than the context when its positions are not
     assert m(torch.zeros(1, 12, dtype=torch.long), pos=torch.arange(12) % 6).shape == (1, 12, 96)
+
+
+def _perturbed(family: str, dtype=torch.float32) -> GPT:
+    torch.manual_seed(0)
+    m = GPT(tiny_config(family)).to(dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # norm weights away from 1, biases away from 0
+    return m
+
+
+def _loss_and_grads(m: GPT, x: torch.Tensor):
+    m.zero_grad(set_to_none=True)
+    loss = m(x, targets=x)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("frozen", [(), ("norm", "mlp.down")])
+def test_memory_lean_norm_and_mlp_equal_the_plain_expressions(monkeypatch, family, dtype, frozen):
+    """RMSNorm and the MLP's activation + down projection keep only their inputs for the backward; loss and every
+    gradient equal autograd on the plain expressions, also with those weights frozen (the main job's base)."""
+    from growlm.models import model as M
+
+    m = _perturbed(family, dtype)
+    for n, p in m.named_parameters():
+        p.requires_grad_(not any(f in n for f in frozen))
+    x = torch.randint(0, 96, (2, 12))
+    loss, grads = _loss_and_grads(m, x)
+    monkeypatch.setattr(M, "_lean", lambda *a: False)
+    ref_loss, ref_grads = _loss_and_grads(m, x)
+    assert torch.equal(loss, ref_loss)  # the forward is the same expression
+    assert grads.keys() == ref_grads.keys()
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    for n, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[n], atol=tol * ref_grads[n].abs().max().item(), rtol=0, msg=n)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_memory_lean_path_keeps_fewer_activations(monkeypatch, family):
+    """Per token and layer the lean path keeps 2 * n_embd (the two normalised inputs) + 2 * ffn_size (silu(g) and
+    its product with u) fewer floats (SwiGLU + RMSNorm), ffn_size fewer (GELU's output; LayerNorm is native)."""
+    from growlm.models import model as M
+
+    m = _perturbed(family)
+    cfg = m.config
+    x = torch.randint(0, 96, (2, 12))
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+
+    def kept_bytes() -> int:
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params:
+                seen[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m(x, targets=x)
+        return sum(seen.values())
+
+    lean = kept_bytes()
+    monkeypatch.setattr(M, "_lean", lambda *a: False)
+    plain = kept_bytes()
+    per_layer = 2 * cfg.n_embd + 2 * cfg.ffn_size if family == "llama" else cfg.ffn_size
+    final_norm = cfg.n_embd if family == "llama" else 0
+    assert plain - lean == (cfg.n_layer * per_layer + final_norm) * x.numel() * 4
+
+
+def test_memory_lean_path_under_torch_func_per_sample_gradients():
+    """EWC's Fisher takes per-sample gradients with torch.func (vmap over grad): the lean Functions compose."""
+    from torch.func import functional_call, grad, vmap
+
+    m = _perturbed("llama")
+    x = torch.randint(0, 96, (3, 8))
+    params = {n: p.detach() for n, p in m.named_parameters()}
+
+    def loss_one(p, xi):
+        return functional_call(m, (p,), (xi[None],), {"targets": xi[None]})
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SDPA's vmap fallback
+        per_sample = vmap(grad(loss_one), in_dims=(None, 0))(params, x)
+    for i in range(3):
+        m.zero_grad(set_to_none=True)
+        m(x[i : i + 1], targets=x[i : i + 1]).backward()
+        for n, p in m.named_parameters():
+            torch.testing.assert_close(per_sample[n][i], p.grad, atol=1e-6, rtol=1e-4, msg=n)

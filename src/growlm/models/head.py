@@ -107,12 +107,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, ldt), device=w.device) if need_w else None
             for s in range(0, N, chunk):
                 e = min(s + chunk, N)
-                z = F.linear(h[s:e], w).to(ldt)  # (n, V)
-                logp = torch.log_softmax(z, dim=-1)
+                z = F.linear(h[s:e], w).to(ldt)  # (n, V), a fresh tensor
                 t_c = tgt[s:e, None]
+                z_t = z.gather(1, t_c).squeeze(1)
+                logp = torch.log_softmax(z, dim=-1, out=z)  # in place: one (n, V) buffer per chunk, not two
                 lp = logp.gather(1, t_c).squeeze(1)
-                lses[s:e] = z.gather(1, t_c).squeeze(1) - lp  # log-sum-exp, for the backward of 'none'
-                del z
+                lses[s:e] = z_t - lp  # log-sum-exp, for the backward of 'none'
                 losses[s:e] = -lp * valid[s:e]
                 if eager:
                     g = _grad_logits(logp, tgt[s:e]).to(h.dtype)

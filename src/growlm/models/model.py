@@ -51,10 +51,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(torch.promote_types(dtype, torch.float32))  # float32 for half types, float64 stays float64
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        if _lean(x, self.weight):
+            return _RMSNorm.apply(x, self.weight, self.eps)
+        return _rms_norm(x, self.weight, self.eps)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    xf = x.to(torch.promote_types(dtype, torch.float32))  # float32 for half types, float64 stays float64
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
@@ -179,9 +184,107 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.ffn_size, cfg.n_embd, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        down = self.down
         if self.swiglu:
-            return self.down(F.silu(self.gate(x)) * self.up(x))
-        return self.down(F.gelu(self.up(x), approximate="tanh"))
+            g, u = self.gate(x), self.up(x)
+        else:
+            g, u = self.up(x), None
+        if _lean(g, down.weight) and type(down) is nn.Linear and not (down._forward_hooks or down._forward_pre_hooks):
+            return _MLPOut.apply(g, u, down.weight, down.bias)  # the hooks check: pruning reads down's input
+        return down(_mlp_act(g, u))
+
+
+# -- memory-lean autograd for the element-wise parts --------------------------------------------------
+# Autograd on the plain expressions keeps more than the backward needs: RMSNorm keeps its normalised input
+# besides the input, SwiGLU keeps silu(g) and its product with u, GELU its output. The two Functions below
+# compute exactly the same forward and keep only the inputs (and 1/rms), recomputing the rest in the backward
+# (element-wise work, no matmul): 11,147 -> 6,923 floats kept per token and SmolLM2 layer, 38% less activation
+# memory. Used in eager training in float32 (`_lean`); under autocast, torch.compile (whose partitioner makes its
+# own recompute choice) or when no gradient is wanted the plain expressions run.
+
+
+def _lean(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and x.dtype == weight.dtype
+            and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling())
+
+
+class _RMSNorm(torch.autograd.Function):
+    """`_rms_norm` keeping x and 1/rms (not the normalised x). With n = x r, r = mean(x^2 + eps)^-1/2, y = w n:
+    dx = r (dn - n mean(dn n)), dn = dy w; dw = sum over tokens of dy n."""
+
+    generate_vmap_rule = True  # torch.func (EWC's per-sample gradients) composes with it
+
+    @staticmethod
+    def forward(x, weight, eps):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * (xf * rstd).to(x.dtype), rstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _ = inputs
+        ctx.save_for_backward(x, weight, output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, dy, _):
+        x, weight, rstd = ctx.saved_tensors
+        n = x.to(rstd.dtype) * rstd
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dn = (dy * weight).to(x.dtype).to(rstd.dtype)
+            dx = (rstd * (dn - n * (dn * n).mean(-1, keepdim=True))).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = (dy * n.to(x.dtype)).reshape(-1, n.shape[-1]).sum(0).to(weight.dtype)
+        return dx, dw, None
+
+    @classmethod
+    def apply(cls, x, weight, eps):  # type: ignore[override]
+        return super().apply(x, weight, eps)[0]
+
+
+def _mlp_act(g: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+    """silu(g) * u (SwiGLU) or gelu_tanh(g) (u = None)."""
+    return F.gelu(g, approximate="tanh") if u is None else F.silu(g) * u
+
+
+class _MLPOut(torch.autograd.Function):
+    """down(_mlp_act(g, u)) keeping g, u and down's weight: the activation is recomputed in the backward for
+    down's weight gradient, instead of kept (4 x ffn_size floats per token for SwiGLU, 1 x for GELU)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(g, u, weight, bias):
+        return F.linear(_mlp_act(g, u), weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        g, u, weight, bias = inputs
+        ctx.save_for_backward(g, u, weight)
+        ctx.has_u = u is not None
+
+    @staticmethod
+    def backward(ctx, dy):
+        g, u, weight = ctx.saved_tensors
+        u = u if ctx.has_u else None
+        need_g, need_u, need_w, need_b = ctx.needs_input_grad
+        dg = du = dw = db = None
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if need_w:
+            dw = dy2.t() @ _mlp_act(g, u).reshape(-1, g.shape[-1])
+        if need_b:
+            db = dy2.sum(0)
+        if need_g or need_u:
+            dh = dy @ weight
+            if u is None:
+                dg = torch.ops.aten.gelu_backward(dh, g, approximate="tanh")
+            else:
+                if need_u:
+                    du = dh * F.silu(g)
+                if need_g:
+                    dg = torch.ops.aten.silu_backward(dh * u, g)
+        return dg, du, dw, db
 
 
 class Block(nn.Module):

@@ -96,7 +96,7 @@ def cases(quick: bool) -> dict[str, Case]:
     return {
         "gpt2-small": Case("gpt2-small", gpt2, 4, 256, 6, 2),
         "llama-small": Case("llama-small", llama, 4, 256, 6, 2),
-        "smollm2-135m": Case("smollm2-135m", smol, 4, 128, 5, 1),
+        "smollm2-135m": Case("smollm2-135m", smol, 8, 128, 5, 1),  # run.micro_batch x data.seq_len defaults
     }
 
 

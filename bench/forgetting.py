@@ -78,7 +78,7 @@ from growlm.train.regularize import EWC, build_ewc  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data" / "corpus"
 ENWIKI = SHARED / "enwiki2015" / "enwiki2015.train.txt.bz2"
 WIKITEXT = SHARED / "wikitext-2-raw" / "wiki.test.raw"
-MAIN_JOB_STEPS = 90  # configs/grow-smollm2-shakespeare.yaml: 90 steps of 8 x 128, growth every 30 from 0, warmup 5
+MAIN_JOB_STEPS = 60  # configs/grow-smollm2-shakespeare.yaml: 60 steps of 8 x 128, growth every 20 from 0, warmup 5 (90 / 30 until 2026-12-03)
 
 VARIANTS = {
     "a_full": dict(growth=None, kd=0.0, ewc=False, replay=False),

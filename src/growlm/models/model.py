@@ -283,7 +283,8 @@ class _MLPOut(torch.autograd.Function):
                 if need_u:
                     du = dh * F.silu(g)
                 if need_g:
-                    dg = torch.ops.aten.silu_backward(dh * u, g)
+                    dh = dh * u  # dL/dsilu(g); the old dh is freed here, never more than 3 (n, ffn) tensors at once
+                    dg = torch.ops.aten.silu_backward(dh, g)
         return dg, du, dw, db
 
 

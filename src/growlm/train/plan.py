@@ -25,7 +25,8 @@ Components (Rajbhandari et al. 2020, "ZeRO", section 3; Zhao et al. 2023, "PyTor
                                             reduce-scatter input (fsdp), or its gradients R_b = P_b w
              X_mlp = f d g + k n f a        in the first MLP backward: the down projection's weight gradient and
                                             the gradients of the MLP's hidden activations alive at once (SwiGLU
-                                            k = 2: the gate's and the up projection's; GELU k = 1)
+                                            k = 2: the gate's and the up projection's; GELU k = 1; one more
+                                            in eager float32/64, where the lean backward recomputes the activation)
     activ.   A = L n e a + n d a            what autograd saves, e elements per token and block (below), plus
                                             the embedding output
     head     H_f = V d 4 + n d a + 2 c V 4  forward of the chunked cross-entropy (`growlm.models.head`): the
@@ -46,7 +47,9 @@ Per token and block, autograd saves (Korthikanti et al. 2022, "Reducing Activati
 section 4, for the method; counted against `torch.autograd.graph.saved_tensors_hooks` in the tests): the
 residual input and the two norm outputs and inputs (5 d), q, k, v (d_q + 2 d_kv; twice with RoPE, before
 and after the rotation), the attention output (d_q) and its log-sum-exp (n_head, flash-style SDPA), the
-MLP's hidden activations (SwiGLU: gate, up, SiLU(gate), product = 4 f; GELU: fc, GELU = 2 f). With
+MLP's hidden activations (SwiGLU: gate, up, SiLU(gate), product = 4 f; GELU: fc, GELU = 2 f). In eager
+float32/64 training RMSNorm keeps only its input (2 d less per block) and the MLP output only its inputs
+(SwiGLU: gate, up = 2 f; GELU: fc = f): `growlm.models.model._RMSNorm`, `_MLPOut`. With
 activation checkpointing each block keeps its input (n d a) and one block's activations are recomputed at
 a time: A_ckpt = L n d a + n e a + n d a.
 
@@ -217,6 +220,9 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, act_bytes
     d, dq, dkv, f = cfg.n_embd, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.ffn_size
     qkv = (dq + 2 * dkv) * (2 if cfg.position == "rope" else 1)  # RoPE saves q, k before and after rotation
     per_token_block = 5 * d + qkv + dq + cfg.n_head + (4 * f if cfg.mlp == "swiglu" else 2 * f)
+    if act_bytes >= 4:  # eager float32/64 training: RMSNorm and the MLP output keep only their inputs
+        # (growlm.models.model._RMSNorm, _MLPOut; off under bf16 autocast)
+        per_token_block -= (2 * d if cfg.norm == "rmsnorm" else 0) + (2 * f if cfg.mlp == "swiglu" else f)
     n = micro_batch * seq_len
     full = (cfg.n_layer * per_token_block + d) * n * act_bytes
     ckpt = (cfg.n_layer * d + per_token_block + d) * n * act_bytes
@@ -255,7 +261,8 @@ def plan(cfg: ModelConfig, parallel: str, world: int, micro_batch: int = 1, seq_
     u_blocks = 2 * block * a if sharded else 0.0  # the current block and the prefetched one
     r_block = block * (a + w) if sharded else block * w  # unsharded gradients + reduce-scatter input, or the gradients
     n, f, d = micro_batch * seq_len, cfg.ffn_size, cfg.n_embd
-    mlp_temps = f * d * g + (2 if cfg.mlp == "swiglu" else 1) * n * f * a
+    lean = a >= 4  # eager float32/64: the MLP output's own backward (models.model._MLPOut) holds one more (n, f)
+    mlp_temps = f * d * g + ((2 if cfg.mlp == "swiglu" else 1) + lean) * n * f * a
     act, act_ckpt = activation_bytes(cfg, micro_batch, seq_len, a)
     block_act = (act - n * d * a) / cfg.n_layer
     h_f, h_b, g_head = head_bytes(cfg, micro_batch, seq_len, loss_chunk, g, a)
